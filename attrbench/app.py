@@ -1,0 +1,23 @@
+"""The Hydra application behind ``attrbench run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from attrbench.pipeline import run_experiment
+
+
+# The configs are the repository's top-level conf/ directory, found relative to this file, so
+# attrbench runs from a source checkout or an editable install (pip install -e .).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def run_app(cfg: DictConfig) -> float:
+    """Run one experiment in the Hydra run directory; returns AdamW-influence's mean Spearman."""
+    table = run_experiment(cfg, HydraConfig.get().runtime.output_dir)
+    return float(table["spearman_mean"].iloc[-1])

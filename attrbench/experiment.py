@@ -1,0 +1,120 @@
+"""Build the parts of a run (data, task, schedule, optimizer) from its Hydra config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from attrbench.data import DataSplits
+from attrbench.groundtruth.loo import check_removal
+from attrbench.influence import METHODS
+from attrbench.tasks import Task, classification_loss
+from attrbench.training.optim import OptimizerSpec
+from attrbench.training.schedule import BatchSchedule, learning_rates
+from attrbench.training.trajectory import DTYPES
+
+log = logging.getLogger(__name__)
+
+LOSSES = {"classification": classification_loss}
+RUN_DTYPES = ("float32", "float64")
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """Independent, reproducible seed for one use (data split, initialization, batch order, ...)."""
+    return zlib.crc32(f"{purpose}:{seed}".encode())
+
+
+@dataclass
+class Experiment:
+    """Everything a run computes on, built once from the config."""
+
+    config: DictConfig
+    device: torch.device
+    dtype: torch.dtype
+    data: DataSplits
+    task: Task
+    batches: BatchSchedule
+    lrs: list[float]
+    optimizer: OptimizerSpec
+    samples: torch.Tensor
+
+    @property
+    def description(self) -> str:
+        c = self.config
+        return f"{c.setting.name} | data {self.data.source} | lr {c.optimizer.lr:g} | seed {c.seed} | {c.dtype}"
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject unknown or contradictory settings before any work starts."""
+    if cfg.dtype not in RUN_DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r} is not one of {', '.join(RUN_DTYPES)}")
+    storage = cfg.trajectory.storage_dtype
+    if storage is not None and storage not in DTYPES:
+        raise ValueError(f"trajectory.storage_dtype={storage!r} is not one of null, {', '.join(DTYPES)}")
+    check_removal(cfg.groundtruth.removal)
+    for method in cfg.influence.methods:
+        if method not in METHODS:
+            raise ValueError(f"influence.methods contains {method!r}; available: {', '.join(METHODS)}")
+    if cfg.setting.task not in LOSSES:
+        raise ValueError(f"setting.task={cfg.setting.task!r} is not one of {', '.join(LOSSES)}")
+    if cfg.groundtruth.num_samples < 1:
+        raise ValueError(f"groundtruth.num_samples={cfg.groundtruth.num_samples} must be at least 1")
+    if cfg.optimizer.lr <= 0:
+        raise ValueError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def configure_torch(deterministic: bool) -> None:
+    """Deterministic kernels and full-precision float32 matmuls, so reruns are bit-identical."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    validate_config(cfg)
+    configure_torch(cfg.deterministic)
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+
+    data = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
+
+    batches = BatchSchedule.shuffled(
+        data.num_train, cfg.train.batch_size, cfg.train.epochs, derive_seed(cfg.seed, "batches")
+    )
+    lrs = learning_rates(cfg.schedule.name, cfg.optimizer.lr, batches.num_steps, cfg.schedule.warmup_ratio)
+    optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
+    return Experiment(cfg, device, dtype, data, task, batches, lrs, optimizer, samples)
+
+
+def choose_samples(num_train: int, num_samples: int, seed: int) -> torch.Tensor:
+    """The training samples whose leave-one-out effects are measured, drawn with ``seed``."""
+    if num_samples > num_train:
+        raise ValueError(
+            f"groundtruth.num_samples={num_samples} exceeds the {num_train} training samples; "
+            "lower groundtruth.num_samples or raise data.num_train"
+        )
+    generator = torch.Generator().manual_seed(derive_seed(seed, "groundtruth"))
+    return torch.randperm(num_train, generator=generator)[:num_samples]

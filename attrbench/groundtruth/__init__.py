@@ -1,0 +1,1 @@
+"""Leave-one-out ground truth by exact counterfactual retraining."""

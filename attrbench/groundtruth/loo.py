@@ -1,0 +1,151 @@
+"""Trajectory-specific leave-one-out (TSLOO) retraining, many counterfactuals at once.
+
+A counterfactual run repeats the recorded run exactly (initialization, batch order, learning
+rates, optimizer) except that one training sample j is removed from every batch containing it.
+Two removal semantics are supported:
+
+* ``keep_denominator``: the batch loss stays ``sum_{i != j} l_i / |B|`` (the sample's weight goes
+  from 1 to 0, which is what the first-order influence derivative describes);
+* ``renormalize``: the batch loss becomes the mean over the remaining ``|B| - 1`` samples (what
+  plain retraining without the sample does). A batch that loses its only sample contributes a
+  zero gradient.
+
+M counterfactuals are trained together as one stacked parameter tensor ``[M, P]`` with the real
+torch optimizer (its update is elementwise, so each row is an independent run); the batch
+gradients of all rows come from one ``vmap`` of :meth:`Task.batch_gradient` over the stack with a
+per-row sample-weight mask. Row 0 of every stack is the unmodified run, trained by the same
+kernels, and ``delta = F(row j) - F(row 0)``, so batched-versus-unbatched rounding cancels.
+
+A run starts at the latest stored checkpoint before any of its stack's samples is first used:
+up to that step all rows equal the recorded run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.func import vmap
+from tqdm.auto import tqdm
+
+from attrbench.tasks import Batch, Task, select
+from attrbench.training.optim import load_state, optimizer_step
+from attrbench.training.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+REMOVALS = ("keep_denominator", "renormalize")
+
+
+class GroundTruthDivergedError(FloatingPointError):
+    """A counterfactual run's training loss became NaN or infinite."""
+
+
+def check_removal(removal: str) -> None:
+    if removal not in REMOVALS:
+        raise ValueError(f"groundtruth.removal={removal!r} is not one of {', '.join(REMOVALS)}")
+
+
+def leave_one_out(
+    task: Task,
+    train_data: Batch,
+    test_data: Batch,
+    trajectory: Trajectory,
+    samples: torch.Tensor,
+    removal: str = "keep_denominator",
+    chunk_size: int = 32,
+    progress: bool = True,
+    on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Retrain without each sample and return ``delta[test, sample]``.
+
+    Args:
+        samples: Indices of the training samples to remove, one counterfactual each.
+        removal: ``"keep_denominator"`` or ``"renormalize"`` (see the module docstring).
+        chunk_size: Counterfactual runs trained together (memory grows linearly with it).
+        on_chunk: Called with ``(sample_positions, delta_chunk)`` after every chunk, so a caller
+            can checkpoint finished work.
+
+    Returns:
+        ``[num_test, len(samples)]`` change of each test loss caused by removing each sample.
+    """
+    check_removal(removal)
+    if chunk_size < 1:
+        raise ValueError(f"groundtruth.chunk_size={chunk_size} must be at least 1")
+    first_steps = trajectory.batches.first_steps(samples)
+    order = torch.argsort(first_steps, stable=True)
+    delta = torch.empty(len(next(iter(test_data.values()))), len(samples), dtype=trajectory.dtype)
+
+    chunks = list(torch.split(order, chunk_size))
+    for positions in tqdm(chunks, desc="leave-one-out", disable=not progress, leave=False):
+        start = trajectory.checkpoint_at_or_before(int(first_steps[positions].min()) - 1)
+        chunk_delta = retrain_without(
+            task, train_data, test_data, trajectory, samples[positions], removal, start, device
+        )
+        delta[:, positions] = chunk_delta.cpu()
+        if on_chunk is not None:
+            on_chunk(positions, chunk_delta.cpu())
+    return delta
+
+
+def retrain_without(
+    task: Task,
+    train_data: Batch,
+    test_data: Batch,
+    trajectory: Trajectory,
+    removed: torch.Tensor,
+    removal: str,
+    start: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Train one stack: row 0 unmodified, row m+1 without ``removed[m]``, from checkpoint ``start``.
+
+    Returns:
+        ``[num_test, len(removed)]`` test-loss differences against row 0.
+    """
+    state = trajectory.state(start, device)
+    num_models = len(removed) + 1
+    thetas = state["theta"].expand(num_models, -1).clone().requires_grad_(True)
+    optimizer = trajectory.optimizer.build(thetas, lr=0.0)
+    load_state(optimizer, thetas, state)
+    removed = removed.to(device)
+    stacked_gradient = vmap(task.batch_gradient, in_dims=(0, None, 0, 0))
+
+    for step in range(start + 1, trajectory.num_steps + 1):
+        batch_index = trajectory.batches.batch(step).to(device)
+        weights = _removal_weights(batch_index, removed, thetas.dtype)
+        denominators = _denominators(weights, removal)
+        with torch.no_grad():
+            gradients, losses = stacked_gradient(thetas.detach(), select(train_data, batch_index), weights, denominators)
+        _check_finite(losses, weights, step, removed)
+        optimizer_step(optimizer, thetas, gradients, trajectory.lrs[step - 1])
+
+    with torch.no_grad():
+        test_losses = vmap(task.evaluate_losses, in_dims=(0, None))(thetas.detach(), test_data)
+    return (test_losses[1:] - test_losses[0]).T
+
+
+def _removal_weights(batch_index: torch.Tensor, removed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[M + 1, B]`` weights: row 0 all ones, row m+1 zero where the batch holds ``removed[m]``."""
+    keep = batch_index.unsqueeze(0) != removed.unsqueeze(1)
+    ones = torch.ones(1, len(batch_index), dtype=torch.bool, device=batch_index.device)
+    return torch.cat([ones, keep]).to(dtype)
+
+
+def _denominators(weights: torch.Tensor, removal: str) -> torch.Tensor:
+    if removal == "keep_denominator":
+        return torch.full((len(weights),), float(weights.shape[1]), dtype=weights.dtype, device=weights.device)
+    return weights.sum(dim=1).clamp(min=1.0)
+
+
+def _check_finite(losses: torch.Tensor, weights: torch.Tensor, step: int, removed: torch.Tensor) -> None:
+    finite = torch.isfinite(losses).all(dim=1)
+    if finite.all():
+        return
+    row = int((~finite).nonzero()[0])
+    which = "the unmodified run" if row == 0 else f"the run without training sample {int(removed[row - 1])}"
+    raise GroundTruthDivergedError(
+        f"training loss is not finite at step {step} in {which}; lower optimizer.lr or use dtype=float64"
+    )

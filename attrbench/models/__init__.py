@@ -1,0 +1,1 @@
+"""Model constructors, instantiated from the ``model`` config group."""

@@ -1,0 +1,1 @@
+"""Training with trajectory recording, and exact replay of recorded runs."""

@@ -1,0 +1,130 @@
+"""The real torch optimizers on a flat parameter vector, and their state as plain tensors.
+
+Training, replay and leave-one-out retraining all step through :func:`optimizer_step` with an
+optimizer built by :func:`build_optimizer`, so a replayed step is the same computation as the
+recorded one, bit for bit. The optimizer is any ``torch.optim`` class named by the config's
+``_target_``; its hyperparameters come from the config, never from constants here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import get_class
+
+SUPPORTED = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer class and its constructor arguments (without ``lr``, which is per step)."""
+
+    target: str
+    kwargs: dict
+
+    @classmethod
+    def from_config(cls, config: dict) -> OptimizerSpec:
+        """Build from the ``optimizer`` config node (``_target_`` plus constructor arguments)."""
+        config = dict(config)
+        target = config.pop("_target_", None)
+        if target not in SUPPORTED:
+            raise ValueError(
+                f"optimizer._target_={target!r} is not supported; use one of {', '.join(SUPPORTED)}"
+            )
+        config.pop("lr", None)
+        kwargs = {key: (tuple(value) if isinstance(value, list) else value) for key, value in config.items()}
+        spec = cls(target, kwargs)
+        spec.validate()
+        return spec
+
+    @property
+    def name(self) -> str:
+        return self.target.rsplit(".", 1)[-1]
+
+    def validate(self) -> None:
+        """Reject settings whose update the influence recurrences do not model."""
+        unsupported = {
+            "amsgrad": False,
+            "maximize": False,
+            "nesterov": False,
+            "momentum": 0,
+            "dampening": 0,
+        }
+        for key, allowed in unsupported.items():
+            if key in self.kwargs and self.kwargs[key] != allowed:
+                raise ValueError(
+                    f"optimizer.{key}={self.kwargs[key]!r} is not supported by the influence "
+                    f"recurrences; set optimizer.{key}={allowed}"
+                )
+        if self.name == "Adam" and self.kwargs.get("weight_decay", 0) not in (0, 0.0):
+            raise ValueError(
+                "torch.optim.Adam with weight_decay adds L2 decay to the gradient, which "
+                "AdamW-influence does not model; use optimizer=adamw (decoupled decay) instead"
+            )
+
+    def build(self, theta: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+        # foreach/fused kernels are not used so that a stack of models ([M, P]) and a single
+        # model ([P]) run the same elementwise update.
+        kwargs = {"foreach": False, **self.kwargs}
+        return get_class(self.target)([theta], lr=lr, **kwargs)
+
+    def hyperparameters(self) -> dict:
+        """Constructor arguments with torch's defaults filled in (as the built optimizer sees them)."""
+        probe = torch.zeros(1, requires_grad=True)
+        group = self.build(probe, lr=1.0).param_groups[0]
+        return {key: value for key, value in group.items() if key not in ("params", "lr")}
+
+    def to_json(self) -> dict:
+        return {"_target_": self.target, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> OptimizerSpec:
+        return cls.from_config(data)
+
+
+def read_state(optimizer: torch.optim.Optimizer, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Copy the optimizer's state for ``theta`` plus ``theta`` itself into a flat dict of tensors.
+
+    ``step`` is stored as a 0-d float64 tensor; an optimizer that has not stepped yet (or one with
+    no state, like plain SGD) contributes only ``theta``.
+    """
+    state = {"theta": theta.detach().clone()}
+    for key, value in optimizer.state.get(theta, {}).items():
+        if torch.is_tensor(value):
+            state[key] = value.detach().clone()
+        elif value is not None:
+            state[key] = torch.tensor(float(value), dtype=torch.float64)
+    return state
+
+
+def load_state(optimizer: torch.optim.Optimizer, theta: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    """Set ``theta`` and the optimizer's state from a dict made by :func:`read_state`.
+
+    A stored state of fewer dimensions than ``theta`` (one model) is broadcast to every row of a
+    stacked ``theta`` (many models).
+    """
+    with torch.no_grad():
+        theta.copy_(state["theta"].to(theta.dtype).expand_as(theta))
+    optimizer.state[theta] = {}
+    for key, value in state.items():
+        if key == "theta":
+            continue
+        if key == "step":
+            optimizer.state[theta][key] = value.detach().clone().to(_step_dtype(value))
+        else:
+            optimizer.state[theta][key] = value.to(theta.dtype).expand_as(theta).clone()
+
+
+def _step_dtype(value: torch.Tensor) -> torch.dtype:
+    # torch keeps AdamW's step counter as float32 unless the default dtype is float64.
+    return torch.get_default_dtype() if value.dtype.is_floating_point else value.dtype
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, theta: torch.Tensor, gradient: torch.Tensor, lr: float) -> None:
+    """Take one optimizer step on ``theta`` with the given gradient and learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    theta.grad = gradient
+    optimizer.step()
+    theta.grad = None

