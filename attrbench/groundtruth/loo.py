@@ -16,8 +16,9 @@ gradients of all rows come from one ``vmap`` of :meth:`Task.batch_gradient` over
 per-row sample-weight mask. Row 0 of every stack is the unmodified run, trained by the same
 kernels, and ``delta = F(row j) - F(row 0)``, so batched-versus-unbatched rounding cancels.
 
-A run starts at the latest stored checkpoint before any of its stack's samples is first used:
-up to that step all rows equal the recorded run.
+A stack starts at the latest stored checkpoint before any of its samples is first used, and each
+counterfactual row joins the stack at its own sample's first step, so no step that would only
+repeat the recorded run is computed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from attrbench.tasks import Batch, Task, select
-from attrbench.training.optim import load_state, optimizer_step
+from attrbench.training.optim import load_state, optimizer_step, read_state
 from attrbench.training.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -100,31 +101,61 @@ def retrain_without(
     start: int = 0,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Train one stack: row 0 unmodified, row m+1 without ``removed[m]``, from checkpoint ``start``.
+    """Train one stack from checkpoint ``start``: row 0 unmodified, one row without each sample.
+
+    A counterfactual row joins the stack at the first step whose batch contains its sample, as a
+    copy of row 0 (parameters and optimizer state): before that step it would equal row 0. The
+    stack therefore does exactly the work that differs from the recorded run.
 
     Returns:
-        ``[num_test, len(removed)]`` test-loss differences against row 0.
+        ``[num_test, len(removed)]`` test-loss differences against row 0 (zero for a sample that
+        no batch after ``start`` contains).
+
+    Raises:
+        ValueError: If a sample is first used at or before ``start``.
     """
+    first_steps = trajectory.batches.first_steps(removed.cpu())
+    if (first_steps <= start).any():
+        raise ValueError(f"checkpoint {start} is after the first use of a removed sample; start earlier")
     state = trajectory.state(start, device)
-    num_models = len(removed) + 1
-    thetas = state["theta"].expand(num_models, -1).clone().requires_grad_(True)
+    thetas = state["theta"].unsqueeze(0).clone().requires_grad_(True)
     optimizer = trajectory.optimizer.build(thetas, lr=0.0)
     load_state(optimizer, thetas, state)
     removed = removed.to(device)
     stacked_gradient = vmap(task.batch_gradient, in_dims=(0, None, 0, 0))
+    rows: list[int] = []  # position in ``removed`` of stack rows 1, 2, ...
 
     for step in range(start + 1, trajectory.num_steps + 1):
+        joining = (first_steps == step).nonzero().flatten().tolist()
+        if joining:
+            thetas, optimizer = _add_rows(trajectory, thetas, optimizer, len(joining))
+            rows += joining
         batch_index = trajectory.batches.batch(step).to(device)
-        weights = _removal_weights(batch_index, removed, thetas.dtype)
+        weights = _removal_weights(batch_index, removed[rows], thetas.dtype)
         denominators = _denominators(weights, removal)
         with torch.no_grad():
             gradients, losses = stacked_gradient(thetas.detach(), select(train_data, batch_index), weights, denominators)
-        _check_finite(losses, weights, step, removed)
+        _check_finite(losses, weights, step, removed[rows])
         optimizer_step(optimizer, thetas, gradients, trajectory.lrs[step - 1])
 
     with torch.no_grad():
         test_losses = vmap(task.evaluate_losses, in_dims=(0, None))(thetas.detach(), test_data)
-    return (test_losses[1:] - test_losses[0]).T
+    delta = torch.zeros(test_losses.shape[1], len(removed), dtype=test_losses.dtype, device=test_losses.device)
+    delta[:, rows] = (test_losses[1:] - test_losses[0]).T
+    return delta
+
+
+def _add_rows(trajectory: Trajectory, thetas: torch.Tensor, optimizer, count: int):
+    """Append ``count`` copies of row 0 (parameters and optimizer state) to the stack."""
+    state = read_state(optimizer, thetas)
+    grown = {
+        key: torch.cat([value, value[:1].expand(count, -1)]) if value.dim() == 2 else value
+        for key, value in state.items()
+    }
+    thetas = grown["theta"].clone().requires_grad_(True)
+    optimizer = trajectory.optimizer.build(thetas, lr=0.0)
+    load_state(optimizer, thetas, grown)
+    return thetas, optimizer
 
 
 def _removal_weights(batch_index: torch.Tensor, removed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

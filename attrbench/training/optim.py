@@ -64,9 +64,19 @@ class OptimizerSpec:
             )
 
     def build(self, theta: torch.Tensor, lr: float) -> torch.optim.Optimizer:
-        # foreach/fused kernels are not used so that a stack of models ([M, P]) and a single
-        # model ([P]) run the same elementwise update.
-        kwargs = {"foreach": False, **self.kwargs}
+        """Construct the optimizer over the single tensor ``theta``.
+
+        The default is torch's per-op implementation (``foreach=False``): its elementwise
+        results do not depend on where an entry sits in memory, so row m of a stack of models
+        ([M, P]) is bit-identical to a single model ([P]) and ground truth does not depend on
+        how samples are grouped into stacks or shards. ``optimizer.fused: true`` selects the
+        fused kernel, which is faster on large stacks but rounds differently by position
+        (differences near 1e-16 relative); training, replay and retraining always use the same
+        choice.
+        """
+        kwargs = dict(self.kwargs)
+        if not kwargs.get("fused"):
+            kwargs.setdefault("foreach", False)
         return get_class(self.target)([theta], lr=lr, **kwargs)
 
     def hyperparameters(self) -> dict:
@@ -111,14 +121,18 @@ def load_state(optimizer: torch.optim.Optimizer, theta: torch.Tensor, state: dic
         if key == "theta":
             continue
         if key == "step":
-            optimizer.state[theta][key] = value.detach().clone().to(_step_dtype(value))
+            optimizer.state[theta][key] = _step_tensor(optimizer, theta, value)
         else:
             optimizer.state[theta][key] = value.to(theta.dtype).expand_as(theta).clone()
 
 
-def _step_dtype(value: torch.Tensor) -> torch.dtype:
-    # torch keeps AdamW's step counter as float32 unless the default dtype is float64.
-    return torch.get_default_dtype() if value.dtype.is_floating_point else value.dtype
+def _step_tensor(optimizer: torch.optim.Optimizer, theta: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The step counter as torch creates it: float32, on the parameter's device for fused kernels.
+
+    The counter is a whole number well below 2**24, so float32 holds it exactly.
+    """
+    device = theta.device if optimizer.defaults.get("fused") else torch.device("cpu")
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, theta: torch.Tensor, gradient: torch.Tensor, lr: float) -> None:

@@ -1,0 +1,111 @@
+"""Benchmark the core stages on the default MNIST MLP problem, in one process.
+
+Prints, on the same problem and machine:
+
+* batched leave-one-out (stacks of counterfactual runs under vmap, each stack started from the
+  last checkpoint before its samples are first used) against a plain loop that retrains one
+  model per removed sample from scratch, and against a loop that also starts each retrain at
+  that checkpoint (so the ratio of vmap batching alone is visible);
+* the cost of an SGD- and an AdamW-influence sweep over all test points, as a multiple of one
+  training run.
+
+Usage: python scripts/benchmark_core.py [--samples 200] [--dtype float64] [--chunk-size 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from attrbench.data.mnist import load_mnist
+from attrbench.experiment import choose_samples, configure_torch, derive_seed
+from attrbench.groundtruth.loo import leave_one_out
+from attrbench.influence import build_method, compute_influence
+from attrbench.models.mlp import MLP
+from attrbench.tasks import Task, classification_loss, select
+from attrbench.training.optim import OptimizerSpec, load_state, optimizer_step
+from attrbench.training.schedule import BatchSchedule, learning_rates
+from attrbench.training.trainer import train
+
+
+def looped_leave_one_out(task, data, trajectory, samples, warm_start: bool) -> torch.Tensor:
+    """One plain retraining per sample (the baseline the batched code replaces)."""
+    reference = task.evaluate_losses(trajectory.final_parameters(), data.test)
+    columns = []
+    first_steps = trajectory.batches.first_steps(samples)
+    for sample, first in zip(samples.tolist(), first_steps.tolist()):
+        start = trajectory.checkpoint_at_or_before(first - 1) if warm_start else 0
+        state = trajectory.state(start)
+        theta = state["theta"].clone().requires_grad_(True)
+        optimizer = trajectory.optimizer.build(theta, lr=0.0)
+        load_state(optimizer, theta, state)
+        for step in range(start + 1, trajectory.num_steps + 1):
+            index = trajectory.batches.batch(step)
+            weights = (index != sample).to(theta.dtype)
+            gradient, _ = task.batch_gradient(theta.detach(), select(data.train, index), weights, len(index))
+            optimizer_step(optimizer, theta, gradient, trajectory.lrs[step - 1])
+        columns.append(task.evaluate_losses(theta.detach(), data.test) - reference)
+    return torch.stack(columns, dim=1)
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=200, help="removed training samples")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--chunk-size", type=int, default=50, help="counterfactual runs per stack")
+    parser.add_argument("--query-chunk-size", type=int, default=100, help="test functions per sweep")
+    arguments = parser.parse_args()
+
+    configure_torch(deterministic=True)
+    dtype = getattr(torch, arguments.dtype)
+    data = load_mnist(seed=derive_seed(0, "data")).to("cpu", dtype)
+    torch.manual_seed(derive_seed(0, "init"))
+    task = Task(MLP().to(dtype), classification_loss)
+    batches = BatchSchedule.shuffled(data.num_train, 64, 1, derive_seed(0, "batches"))
+    lrs = learning_rates("constant", 1e-3, batches.num_steps)
+    optimizer = OptimizerSpec.from_config({"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95]})
+    samples = choose_samples(data.num_train, arguments.samples, 0)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, {arguments.dtype}")
+    print(f"problem: MNIST MLP, {data.num_train} train / {data.num_test} test, {batches.num_steps} steps, "
+          f"{task.num_parameters} parameters, {arguments.samples} removed samples")
+
+    train(task, data.train, batches, lrs, optimizer, progress=False)  # warm-up
+    trajectory, train_seconds = timed(train, task, data.train, batches, lrs, optimizer, progress=False)
+    print(f"training run: {train_seconds:.3f} s")
+
+    batched, batched_seconds = timed(
+        leave_one_out, task, data.train, data.test, trajectory, samples,
+        chunk_size=arguments.chunk_size, progress=False,
+    )
+    looped_warm, warm_seconds = timed(looped_leave_one_out, task, data, trajectory, samples, warm_start=True)
+    looped_cold, cold_seconds = timed(looped_leave_one_out, task, data, trajectory, samples, warm_start=False)
+    agreement = float((batched - looped_cold).abs().max() / looped_cold.abs().max())
+    print(f"leave-one-out, batched (vmap stacks of {arguments.chunk_size}): {batched_seconds:.2f} s")
+    print(f"leave-one-out, loop from the checkpoint:     {warm_seconds:.2f} s  "
+          f"(batched is {warm_seconds / batched_seconds:.1f}x faster)")
+    print(f"leave-one-out, loop from scratch:            {cold_seconds:.2f} s  "
+          f"(batched is {cold_seconds / batched_seconds:.1f}x faster)")
+    print(f"max relative difference batched vs loop: {agreement:.1e}")
+
+    for name in ("sgd_influence", "adamw_influence"):
+        _, seconds = timed(
+            compute_influence, build_method(name), task, data.train, data.test, trajectory,
+            query_chunk_size=arguments.query_chunk_size, progress=False,
+        )
+        print(f"{name} sweep, {data.num_test} test points: {seconds:.2f} s = "
+              f"{seconds / train_seconds:.1f} training runs ({seconds / train_seconds / data.num_test:.3f} per test point)")
+
+
+if __name__ == "__main__":
+    main()
