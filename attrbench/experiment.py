@@ -110,7 +110,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
 
 
 def choose_samples(num_train: int, num_samples: int, seed: int) -> torch.Tensor:
-    """The training samples whose leave-one-out effects are measured, drawn with ``seed``."""
+    """Draw the training samples whose leave-one-out effects are measured."""
     if num_samples > num_train:
         raise ValueError(
             f"groundtruth.num_samples={num_samples} exceeds the {num_train} training samples; "

@@ -4,7 +4,7 @@ Each pipeline stage (training, ground truth, one influence method) writes into
 ``cache_dir/<stage>/<key>/``, where ``key`` is a SHA-256 of the stage's configuration and the keys
 of the stages it reads. A finished stage directory contains ``stage.json`` with the key, the
 configuration, the SHA-256 of every output file and the time it took. A rerun with the same
-configuration finds the record and skips the stage; a changed configuration gives a new key, so
+configuration finds the record and skips the stage. A changed configuration gives a new key, so
 the stage and everything downstream are recomputed. A missing or corrupt output file is detected
 by its checksum, logged as a warning, and the stage is recomputed.
 """

@@ -2,10 +2,10 @@
 
 Prints, on the same problem and machine:
 
-* batched leave-one-out (stacks of counterfactual runs under vmap, each stack started from the
-  last checkpoint before its samples are first used) against a plain loop that retrains one
-  model per removed sample from scratch, and against a loop that also starts each retrain at
-  that checkpoint (so the ratio of vmap batching alone is visible);
+* batched leave-one-out (stacks of counterfactual runs under vmap, each run joining its stack at
+  its sample's first step) against a plain loop that retrains one model per removed sample from
+  scratch. A second loop starts each retrain at the last checkpoint before the sample's first
+  use, which isolates the gain of batching alone;
 * the cost of an SGD- and an AdamW-influence sweep over all test points, as a multiple of one
   training run.
 
@@ -32,7 +32,7 @@ from attrbench.training.trainer import train
 
 
 def looped_leave_one_out(task, data, trajectory, samples, warm_start: bool) -> torch.Tensor:
-    """One plain retraining per sample (the baseline the batched code replaces)."""
+    """Retrain one model per removed sample in a plain loop (the baseline of batching)."""
     reference = task.evaluate_losses(trajectory.final_parameters(), data.test)
     columns = []
     first_steps = trajectory.batches.first_steps(samples)

@@ -11,7 +11,7 @@ Two removal semantics are supported:
   zero gradient.
 
 M counterfactuals are trained together as one stacked parameter tensor ``[M, P]`` with the real
-torch optimizer (its update is elementwise, so each row is an independent run); the batch
+torch optimizer. Its update is elementwise, so each row is an independent run. The batch
 gradients of all rows come from one ``vmap`` of :meth:`Task.batch_gradient` over the stack with a
 per-row sample-weight mask. Row 0 of every stack is the unmodified run, trained by the same
 kernels, and ``delta = F(row j) - F(row 0)``, so batched-versus-unbatched rounding cancels.
@@ -159,7 +159,7 @@ def _add_rows(trajectory: Trajectory, thetas: torch.Tensor, optimizer, count: in
 
 
 def _removal_weights(batch_index: torch.Tensor, removed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[M + 1, B]`` weights: row 0 all ones, row m+1 zero where the batch holds ``removed[m]``."""
+    """``[M + 1, B]`` weights: row 0 all ones, row m+1 zero where the batch contains ``removed[m]``."""
     keep = batch_index.unsqueeze(0) != removed.unsqueeze(1)
     ones = torch.ones(1, len(batch_index), dtype=torch.bool, device=batch_index.device)
     return torch.cat([ones, keep]).to(dtype)

@@ -124,7 +124,7 @@ def sweep(
     device: str | torch.device = "cpu",
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> InfluenceScores:
-    """One reverse sweep for the test functions whose final gradients are ``test_gradients``.
+    """Run one reverse sweep for the test functions whose final gradients are ``test_gradients``.
 
     ``on_step(step, batch_index, dF/dw_{i,t})`` is called for every step, last step first.
     """

@@ -66,10 +66,10 @@ class OptimizerSpec:
     def build(self, theta: torch.Tensor, lr: float) -> torch.optim.Optimizer:
         """Construct the optimizer over the single tensor ``theta``.
 
-        The default is torch's per-op implementation (``foreach=False``): its elementwise
+        The default is torch's per-op implementation (``foreach=False``). Its elementwise
         results do not depend on where an entry sits in memory, so row m of a stack of models
-        ([M, P]) is bit-identical to a single model ([P]) and ground truth does not depend on
-        how samples are grouped into stacks or shards. ``optimizer.fused: true`` selects the
+        ([M, P]) is bit-identical to a single model ([P]). Ground truth therefore does not
+        depend on how samples are grouped into stacks or shards. ``optimizer.fused: true`` selects the
         fused kernel, which is faster on large stacks but rounds differently by position
         (differences near 1e-16 relative); training, replay and retraining always use the same
         choice.
@@ -80,7 +80,7 @@ class OptimizerSpec:
         return get_class(self.target)([theta], lr=lr, **kwargs)
 
     def hyperparameters(self) -> dict:
-        """Constructor arguments with torch's defaults filled in (as the built optimizer sees them)."""
+        """Return the constructor arguments with torch's defaults filled in, as in ``param_groups``."""
         probe = torch.zeros(1, requires_grad=True)
         group = self.build(probe, lr=1.0).param_groups[0]
         return {key: value for key, value in group.items() if key not in ("params", "lr")}
@@ -94,10 +94,10 @@ class OptimizerSpec:
 
 
 def read_state(optimizer: torch.optim.Optimizer, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Copy the optimizer's state for ``theta`` plus ``theta`` itself into a flat dict of tensors.
+    """Copy ``theta`` and the optimizer's state for it into a flat dict of tensors.
 
-    ``step`` is stored as a 0-d float64 tensor; an optimizer that has not stepped yet (or one with
-    no state, like plain SGD) contributes only ``theta``.
+    A non-tensor state entry becomes a 0-d float64 tensor. An optimizer that has not stepped yet,
+    or one without state such as plain SGD, contributes only ``theta``.
     """
     state = {"theta": theta.detach().clone()}
     for key, value in optimizer.state.get(theta, {}).items():
@@ -129,7 +129,7 @@ def load_state(optimizer: torch.optim.Optimizer, theta: torch.Tensor, state: dic
 def _step_tensor(optimizer: torch.optim.Optimizer, theta: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The step counter as torch creates it: float32, on the parameter's device for fused kernels.
 
-    The counter is a whole number well below 2**24, so float32 holds it exactly.
+    The counter is a whole number well below 2**24, so float32 represents it exactly.
     """
     device = theta.device if optimizer.defaults.get("fused") else torch.device("cpu")
     return torch.tensor(float(value), dtype=torch.float32, device=device)
