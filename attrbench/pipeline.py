@@ -190,6 +190,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
         {
             "setting": cfg.setting.name,
             "data_source": experiment.data.source,
+            "variant": experiment.variant,
             "optimizer": experiment.optimizer.name,
             "lr": cfg.optimizer.lr,
             "seed": cfg.seed,
