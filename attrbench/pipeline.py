@@ -191,8 +191,8 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
         run_dir / "summary.json",
         {
             "setting": cfg.setting.name,
-            "data_source": experiment.data.source,
             "variant": experiment.variant,
+            "data_source": experiment.data.source,
             "optimizer": experiment.optimizer.name,
             "lr": cfg.optimizer.lr,
             "seed": cfg.seed,

@@ -60,7 +60,8 @@ def write_cifar_fixture(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
         "data": test_data,
         "filenames": [f"test_{index}.png" for index in range(NUM_TEST_FILE)],
     })
-    _dump(folder / "batches.meta", {"num_cases_per_batch": PER_BATCH, "label_names": CLASSES, "num_vis": 3072})
+    meta = {"num_cases_per_batch": PER_BATCH, "label_names": CLASSES, "num_vis": 3072}
+    _dump(folder / "batches.meta", meta)
     return {"train_rows": np.concatenate(rows), "train_labels": np.array(labels),
             "test_rows": test_data, "test_labels": np.array(test_labels)}
 
@@ -81,7 +82,7 @@ def test_fixture_loads_through_torchvision(cifar_root):
     root, written = cifar_root
     splits = load_cifar10(root=str(root), num_train=12, num_test=4, seed=0)
 
-    assert splits.dataset == "cifar10"
+    assert splits.info["variant"] == "full"
     assert splits.source == "torchvision"
     assert splits.image_shape == (3, 32, 32)
     assert splits.train["x"].shape == (12, 3, 32, 32)
@@ -95,7 +96,8 @@ def test_images_and_labels_match_the_files(cifar_root):
     mean = torch.tensor(splits.info["channel_mean"]).view(1, 3, 1, 1)
     std = torch.tensor(splits.info["channel_std"]).view(1, 3, 1, 1)
 
-    for split, rows, labels in (("train", "train_rows", "train_labels"), ("test", "test_rows", "test_labels")):
+    for split in ("train", "test"):
+        rows, labels = f"{split}_rows", f"{split}_labels"
         index = np.array(splits.info[f"{split}_index"])
         # Each row holds the red, green and blue planes in turn, so it reshapes to [3, 32, 32].
         expected = torch.from_numpy(written[rows][index].reshape(-1, 3, 32, 32)).float() / 255.0

