@@ -1,10 +1,10 @@
 """CIFAR-10 loading from files in the dataset's real on-disk format, and its error paths.
 
-The fixture writes ``cifar-10-batches-py`` as the python version of CIFAR-10 ships it: pickled
-dicts (protocol 2) whose ``data`` is a uint8 array with one 3,072-value row per image (the red,
-green and blue 32 x 32 planes, each row-major), ``labels`` a list of ints, plus ``batches.meta``
-with the class names. torchvision's CIFAR10 class checks each file's MD5 against the real
-dataset's, so the tests replace those digests with the fixture's.
+The fixture writes ``cifar-10-batches-py`` as the python version of CIFAR-10 ships it. Each batch
+is a pickled dict (protocol 2) whose ``data`` is a uint8 array with one 3,072-value row per image
+and whose ``labels`` is a list of ints. A row is the red, green and blue 32 x 32 planes in turn,
+each row-major. ``batches.meta`` lists the class names. torchvision's CIFAR10 class checks each
+file's MD5 against the real dataset's, so the tests replace those digests with the fixture's.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_images_and_labels_match_the_files(cifar_root):
     for split in ("train", "test"):
         rows, labels = f"{split}_rows", f"{split}_labels"
         index = np.array(splits.info[f"{split}_index"])
-        # Each row holds the red, green and blue planes in turn, so it reshapes to [3, 32, 32].
+        # Each row contains the red, green and blue planes in turn, so it reshapes to [3, 32, 32].
         expected = torch.from_numpy(written[rows][index].reshape(-1, 3, 32, 32)).float() / 255.0
         restored = getattr(splits, split)["x"] * std + mean
         assert torch.allclose(restored, expected, atol=1e-6), split
