@@ -18,8 +18,8 @@ Stages run one after another, so the peak is the whole-run part plus the largest
 budget (``memory.budget_gb``) is in GB of 10^9 bytes: ``auto`` takes the device's total memory
 (GPU memory on CUDA, physical memory on the CPU), a number sets it, null skips the check.
 
-Activations are estimated from the tensors autograd saves for the backward pass: the bytes saved
-for two training samples minus those saved for one is the cost of one more sample, and a pass
+Activations are estimated from the tensors autograd saves for the backward pass. The bytes saved
+for two training samples minus those saved for one are the cost of one more sample, and a pass
 is taken to need :data:`ACTIVATION_FACTOR` times the saved bytes of its samples.
 """
 
@@ -321,7 +321,7 @@ def _count(number: int, noun: str, plural: str | None = None) -> str:
 
 
 def resolve_budget(value: object, device: torch.device) -> float | None:
-    """Budget in bytes from ``memory.budget_gb``: ``auto``, a positive number of GB, or None.
+    """Convert ``memory.budget_gb`` (``auto``, a positive number of GB, or None) to bytes.
 
     Raises:
         ValueError: If the value is not ``auto``, a positive number or None.
@@ -343,7 +343,7 @@ def resolve_budget(value: object, device: torch.device) -> float | None:
 
 
 def device_memory_bytes(device: torch.device) -> float | None:
-    """Total memory of a CUDA device, or the machine's physical memory for the CPU (None if unknown)."""
+    """Return a CUDA device's total memory, or the machine's physical memory for the CPU (None if unknown)."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
     try:
@@ -353,7 +353,7 @@ def device_memory_bytes(device: torch.device) -> float | None:
 
 
 def optimizer_state_slots(optimizer: OptimizerSpec, dtype: torch.dtype) -> int:
-    """Number of parameter-sized state tensors the optimizer keeps (AdamW: 2, plain SGD: 0)."""
+    """Count the parameter-sized state tensors the optimizer keeps (AdamW: 2, plain SGD: 0)."""
     probe = torch.zeros(2, dtype=dtype, requires_grad=True)
     torch_optimizer = optimizer.build(probe, lr=0.0)
     optimizer_step(torch_optimizer, probe, torch.ones_like(probe), 0.0)
@@ -362,7 +362,7 @@ def optimizer_state_slots(optimizer: OptimizerSpec, dtype: torch.dtype) -> int:
 
 
 def adjoint_state_slots(method: str) -> int:
-    """Number of parameter-sized adjoint tensors per test function (SGD-influence: 1, AdamW: 3)."""
+    """Count the parameter-sized adjoint tensors per test function (SGD-influence: 1, AdamW: 3)."""
     return len(build_method(method).initial_adjoint(torch.zeros(1, 1)))
 
 
@@ -371,7 +371,7 @@ def batch_bytes(data: Batch) -> int:
 
 
 def activation_bytes_per_sample(task: Task, train_data: Batch) -> int:
-    """Bytes autograd saves for the backward pass per training sample.
+    """Measure the bytes autograd saves for the backward pass per training sample.
 
     The saved bytes of a two-sample batch minus those of a one-sample batch, so the parameters
     (saved by the layers that use them, once per batch) cancel out. The batches are selected
@@ -386,8 +386,11 @@ def activation_bytes_per_sample(task: Task, train_data: Batch) -> int:
 
 
 def saved_tensor_bytes(task: Task, batch: Batch) -> int:
-    """Bytes of the distinct storages autograd saves when differentiating the batch's losses."""
-    theta = task.initial_parameters().requires_grad_(True)
+    """Sum the bytes of the distinct storages autograd saves when differentiating the batch's losses.
+
+    The loss runs on the module's own parameters, so that no parameter-sized copy is made.
+    """
+    params = {name: param for name, param in task.model.named_parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -395,6 +398,6 @@ def saved_tensor_bytes(task: Task, batch: Batch) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        task.per_sample_loss(theta, batch)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        task.loss(task.model, {**params, **task.buffers}, batch)
     return sum(storages.values())

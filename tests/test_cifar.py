@@ -87,6 +87,8 @@ def test_fixture_loads_through_torchvision(cifar_root):
     assert splits.image_shape == (3, 32, 32)
     assert splits.train["x"].shape == (12, 3, 32, 32)
     assert splits.test["x"].shape == (4, 3, 32, 32)
+    assert splits.train["x"].is_contiguous()
+    assert splits.test["x"].is_contiguous()
     assert splits.info["classes"] == CLASSES
 
 

@@ -105,6 +105,10 @@ def _open_torchvision(root: str, download: bool):
 
 
 def _to_chw(images, index: torch.Tensor) -> torch.Tensor:
-    """Select ``index`` from torchvision's uint8 ``[N, 32, 32, 3]`` array; return float ``[n, 3, 32, 32]``."""
+    """Select ``index`` from torchvision's uint8 ``[N, 32, 32, 3]`` array; return float ``[n, 3, 32, 32]``.
+
+    The result is contiguous in NCHW order: a permuted view would keep channels-last strides, which
+    every later elementwise operation and convolution would carry along.
+    """
     selected = torch.from_numpy(images[index.numpy()])
-    return selected.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return (selected.permute(0, 3, 1, 2).to(torch.float32) / 255.0).contiguous()
