@@ -45,9 +45,27 @@ class Experiment:
     samples: torch.Tensor
 
     @property
+    def variant(self) -> str:
+        return describe_variant(self.data, self.task.model)
+
+    @property
     def description(self) -> str:
         c = self.config
-        return f"{c.setting.name} | data {self.data.source} | lr {c.optimizer.lr:g} | seed {c.seed} | {c.dtype}"
+        return (f"{c.setting.name} ({self.variant}) | data {self.data.source} | lr {c.optimizer.lr:g} | "
+                f"seed {c.seed} | {c.dtype}")
+
+
+def describe_variant(data: DataSplits, model: torch.nn.Module) -> str:
+    """``embedded`` (offline data and model), ``full`` (real ones), or a mix of the two named.
+
+    Loaders record the data's variant in ``data.info["variant"]`` and model constructors set
+    ``model.attrbench_variant``; a model without it (trained from scratch) follows the data.
+    """
+    data_variant = data.info.get("variant", "full")
+    model_variant = getattr(model, "attrbench_variant", data_variant)
+    if data_variant == model_variant:
+        return data_variant
+    return f"{data_variant} data, {model_variant} model"
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -97,7 +115,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
 
     data = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
     torch.manual_seed(derive_seed(cfg.seed, "init"))
-    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    model = build_model(cfg.model, data).to(device=device, dtype=dtype)
     task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
 
     batches = BatchSchedule.shuffled(
@@ -107,6 +125,18 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
     return Experiment(cfg, device, dtype, data, task, batches, lrs, optimizer, samples)
+
+
+def build_model(model_cfg: DictConfig, data: DataSplits) -> torch.nn.Module:
+    """Instantiate the model; a null ``input_shape`` entry is filled with the data's image shape."""
+    if "input_shape" not in model_cfg or model_cfg.input_shape is not None:
+        return instantiate(model_cfg)
+    if data.image_shape is None:
+        raise ValueError(
+            f"model.input_shape is null but the {data.source} data are not images "
+            "with a known shape; set model.input_shape=[channels,height,width]"
+        )
+    return instantiate(model_cfg, input_shape=list(data.image_shape))
 
 
 def choose_samples(num_train: int, num_samples: int, seed: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from attrbench.experiment import Experiment, build_experiment
 from attrbench.groundtruth.loo import leave_one_out
 from attrbench.influence import InfluenceScores, build_method, compute_influence
 from attrbench.io import load_tensors, save_tensors, write_json, write_text
+from attrbench.memory import check_memory
 from attrbench.stages import Stage, config_key, open_stage
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
@@ -37,6 +38,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
     experiment = build_experiment(cfg)
     log.info("run: %s, %d steps, %d parameters, device %s", experiment.description,
              experiment.batches.num_steps, experiment.task.num_parameters, experiment.device)
+    check_memory(experiment)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     timings: dict[str, float] = {}
@@ -189,6 +191,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
         run_dir / "summary.json",
         {
             "setting": cfg.setting.name,
+            "variant": experiment.variant,
             "data_source": experiment.data.source,
             "optimizer": experiment.optimizer.name,
             "lr": cfg.optimizer.lr,

