@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check that they come from one run (same configuration, trajectory and sample set) and that no "
         "shard is missing, and write the merged leave-one-out deltas.",
     )
-    parser.add_argument("directory", type=Path, help="a sweep directory, or any folder holding the shard files")
+    parser.add_argument("directory", type=Path, help="a sweep directory, or any directory containing the shard files")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="merged file to write (default: DIR/groundtruth.safetensors)")
     return parser

@@ -133,7 +133,7 @@ def train_stage_for(experiment: Experiment, stages: dict[str, Stage]) -> Traject
 
 
 def groundtruth_config(experiment: Experiment, trajectory: Trajectory, train_key: str) -> dict:
-    """What every ground-truth shard of this run depends on (the shard index comes on top)."""
+    """Build the stage configuration shared by every ground-truth shard of this run (each adds its index)."""
     gt = experiment.config.groundtruth
     return {
         "train": train_key,

@@ -17,9 +17,9 @@ A stage directory contains:
   shards of one sweep) never compute the same stage twice. The others wait for the lock and
   then find the stage finished. The operating system releases the lock of a killed job.
 
-Every file is written to a temporary name and renamed into place (:mod:`attrbench.io`), so a
-killed job leaves either the old file or the new one, plus at most some ``.*.tmp`` files,
-which the next job that takes the lock deletes.
+Every file is written to a temporary name and renamed into place (:mod:`attrbench.io`). So a
+killed job leaves either the old file or the new one, plus possibly some ``.*.tmp`` files. The
+next job that takes the lock deletes them.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def config_key(config: dict) -> str:
 
 
 def timestamp() -> str:
-    """The current UTC time in ISO 8601 with microseconds, as stored in stage records."""
+    """Return the current UTC time in ISO 8601 with microseconds, as stored in stage records."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
@@ -113,7 +113,7 @@ class Stage:
         return True
 
     def record(self) -> dict:
-        """The ``stage.json`` of a finished stage."""
+        """Read the ``stage.json`` of a finished stage."""
         return read_json(self.directory / RECORD)
 
     @contextlib.contextmanager
@@ -172,7 +172,7 @@ class Stage:
 
 
 def open_stage(cache_dir: str | Path, name: str, config: dict) -> Stage:
-    """The stage directory for ``config`` (created if needed); nothing is read or locked yet."""
+    """Create (if needed) the stage directory for ``config``, without reading or locking it."""
     key = config_key(config)
     directory = Path(cache_dir) / name / key[:16]
     directory.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def copy_file(source: str | Path, destination: str | Path) -> None:
 
 @contextlib.contextmanager
 def suggest_on_out_of_memory(stage: str, advice: str) -> Iterator[None]:
-    """Turn a CUDA out-of-memory error into one that says which setting to lower.
+    """Turn a CUDA out-of-memory error into one that names the setting to lower.
 
     Raises:
         StageOutOfMemoryError: From the ``torch.cuda.OutOfMemoryError`` raised inside the block.

@@ -84,7 +84,7 @@ def _stage_record(cache: Path, stage: str) -> dict:
 
 def test_joblib_shard_sweep_merges_to_unsharded(reference, tmp_path):
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
-    # Job 2 asks for a shard that does not exist: it fails, and the other two must be unaffected.
+    # Job 2 requests a shard that does not exist. It fails, and the other two must be unaffected.
     result = run_cli("run", "-m", *SCALE, "groundtruth.num_shards=2", "groundtruth.shard=0,1,2",
                      "hydra/launcher=local", f"hydra.sweep.dir={sweep}", f"cache_dir={cache}",
                      cwd=tmp_path, check=False)
@@ -205,8 +205,8 @@ def test_diverging_training_names_step_and_samples(tmp_path):
 
 
 def test_diverging_groundtruth_names_step_and_run(tmp_path):
-    # float16 checkpoints overflow to inf once parameters pass 65504, which the float64 training
-    # never sees but the counterfactual runs that restart from those checkpoints do.
+    # float16 checkpoints overflow to inf once parameters exceed 65504. Training runs in float64
+    # and stays finite, but the counterfactual runs restart from those checkpoints.
     cache = tmp_path / "cache"
     result = run_cli("run", *TINY, "optimizer.lr=1e5", "trajectory.storage_dtype=float16", f"cache_dir={cache}",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)

@@ -15,6 +15,7 @@ and time that produced it), and the chunk files are deleted.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ SHARD_FILE = "shard.safetensors"
 
 @dataclass
 class ShardWork:
-    """What one shard computes on.
+    """Inputs of one shard's computation.
 
     Attributes:
         shard: Index of the shard.
@@ -123,7 +124,11 @@ def _load_finished_chunks(stage: Stage, work: ShardWork) -> tuple[dict[int, dict
     path = stage.directory / PROGRESS
     if not path.exists():
         return {}, {}
-    progress = read_json(path)
+    try:
+        progress = read_json(path)
+    except json.JSONDecodeError:
+        log.warning("groundtruth shard %d: %s is not valid JSON; starting over", work.shard, path)
+        return {}, {}
     if progress.get("key") != stage.key:
         log.warning("groundtruth shard %d: %s belongs to another configuration; starting over", work.shard, path)
         return {}, {}
@@ -139,7 +144,7 @@ def _load_finished_chunks(stage: Stage, work: ShardWork) -> tuple[dict[int, dict
             continue
         tensors = load_tensors(file)
         if not torch.equal(tensors["positions"], work.chunks[chunk]):
-            log.warning("groundtruth shard %d: chunk file %s holds other samples; recomputing that chunk",
+            log.warning("groundtruth shard %d: chunk file %s contains other samples; recomputing that chunk",
                         work.shard, file)
             continue
         records[chunk], deltas[chunk] = record, tensors["delta"]

@@ -28,7 +28,7 @@ from attrbench.stages import config_key
 SHARD_FORMAT = "attrbench-groundtruth-shard-1"
 SHARD_GLOB = "groundtruth_shard_*_of_*.safetensors"
 
-# What each identity field means, for mismatch messages.
+# Description of each identity field, for mismatch messages.
 _FIELD_MEANING = {
     "num_shards": "groundtruth.num_shards",
     "config_sha256": "the ground-truth configuration (training config, removal, chunk_size, num_shards)",
@@ -59,7 +59,7 @@ def plan_chunks(first_steps: torch.Tensor, chunk_size: int) -> list[torch.Tensor
 
 
 def shard_chunk_ids(num_chunks: int, num_shards: int, shard: int) -> list[int]:
-    """The chunks that shard ``shard`` of ``num_shards`` computes."""
+    """Return the chunks that shard ``shard`` of ``num_shards`` computes."""
     return list(range(shard, num_chunks, num_shards))
 
 
@@ -96,7 +96,7 @@ def shard_file_name(shard: int, num_shards: int) -> str:
 
 @dataclass(frozen=True)
 class ShardIdentity:
-    """What every shard of one run shares; shards merge only if all of it matches.
+    """Run identity that every shard of one run shares; shards merge only if all of it matches.
 
     Attributes:
         num_shards: Shards the attributed samples were split into.
