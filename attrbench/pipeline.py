@@ -115,8 +115,9 @@ def train_stage_for(experiment: Experiment, stages: dict[str, Stage]) -> Traject
                 log.warning("train: %s; training again", error)
 
         stage.begin()
-        advice = ("Set train.micro_batch_size to split every batch into smaller pieces "
-                  f"(now {cfg.train.micro_batch_size}), for example half of train.batch_size.")
+        micro_batch_size = cfg.train.micro_batch_size or cfg.train.batch_size
+        advice = ("Lower train.micro_batch_size to split every batch into smaller pieces "
+                  f"(now {cfg.train.micro_batch_size}), for example train.micro_batch_size={max(1, micro_batch_size // 2)}.")
         with suggest_on_out_of_memory("training", advice):
             trajectory = train(
                 experiment.task, experiment.data.train, experiment.batches, experiment.lrs, experiment.optimizer,

@@ -105,7 +105,7 @@ def _raise_out_of_memory(*args, **kwargs):
 @pytest.mark.parametrize(
     "target, name, message",
     [
-        (pipeline, "train", r"training ran out of GPU memory \(CUDA out of memory.*train.micro_batch_size"),
+        (pipeline, "train", r"training ran out of GPU memory \(CUDA out of memory.*train.micro_batch_size=32"),
         (resume, "leave_one_out", r"groundtruth shard 0 ran out of GPU memory.*groundtruth.chunk_size=1"),
         (pipeline, "compute_influence", r"sgd_influence ran out of GPU memory.*influence.query_chunk_size=3"),
     ],
@@ -114,3 +114,24 @@ def test_out_of_memory_names_setting_to_lower(tmp_path, monkeypatch, target, nam
     monkeypatch.setattr(target, name, _raise_out_of_memory)
     with pytest.raises(StageOutOfMemoryError, match=message):
         pipeline.run_experiment(_config(tmp_path / "cache"), tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "launcher, target, fields",
+    [
+        ("local", "JoblibLauncher", {"n_jobs": 2}),
+        ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 240, "max_num_timeout": 3,
+                                    "array_parallelism": 64}),
+        ("slurm_local", "LocalLauncher", {"gpus_per_node": 0, "cpus_per_task": 1}),
+    ],
+)
+def test_launcher_configs_compose(launcher, target, fields):
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    node = cfg.hydra.launcher
+    assert node._target_.endswith(target)
+    for key, value in fields.items():
+        assert node[key] == value, key
+    assert type(instantiate(node)).__name__ == target
