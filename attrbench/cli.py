@@ -13,8 +13,8 @@ USAGE = """usage: attrbench <command> [arguments]
 commands:
   run [overrides]   train, compute leave-one-out ground truth and influence, print the
                     Spearman table (a Hydra app: `attrbench run --help`, `attrbench run -m ...`)
-  merge DIR         check and merge the ground-truth shard files found under DIR into
-                    DIR/groundtruth.safetensors (`attrbench merge --help`)
+  merge PATH...     check and merge one run's ground-truth shard files, found under the
+                    given directories, into groundtruth.safetensors (`attrbench merge --help`)
 """
 
 

@@ -6,29 +6,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from attrbench.groundtruth.shards import MissingShardsError, ShardMismatchError, merge_directory
+from attrbench.groundtruth.shards import MissingShardsError, ShardMismatchError, merge_paths
 from attrbench.io import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attrbench merge",
-        description="Find every ground-truth shard file (groundtruth_shard_K_of_N.safetensors) under DIR, "
-        "check that they come from one run (same configuration, trajectory and sample set) and that no "
+        description="Find the ground-truth shard files (groundtruth_shard_K_of_N.safetensors) of one run, "
+        "check that they come from that run (same configuration, trajectory and sample set) and that no "
         "shard is missing, and write the merged leave-one-out deltas.",
     )
-    parser.add_argument("directory", type=Path, help="a sweep directory, or any directory containing the shard files")
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                        help="a shard file, or a directory searched recursively (a sweep directory, a run "
+                        "directory, or any directory containing the shard files)")
     parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="merged file to write (default: DIR/groundtruth.safetensors)")
+                        help="merged file to write (default: groundtruth.safetensors in the first PATH if it is "
+                        "a directory, else in the current directory)")
     return parser
 
 
 def merge_command(argv: list[str]) -> int:
     """Run ``attrbench merge``; returns the exit status (1 on missing or mismatched shards)."""
     arguments = build_parser().parse_args(argv)
-    output = arguments.output or arguments.directory / "groundtruth.safetensors"
+    first = arguments.paths[0]
+    output = arguments.output or (first if first.is_dir() else Path.cwd()) / "groundtruth.safetensors"
     try:
-        merged = merge_directory(arguments.directory)
+        merged = merge_paths(arguments.paths)
     except (MissingShardsError, ShardMismatchError, FileNotFoundError) as error:
         print(f"attrbench merge: {error}", file=sys.stderr)
         return 1

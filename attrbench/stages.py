@@ -122,6 +122,9 @@ class Stage:
 
         A blocking wait logs which lock it waits for, then repeats the message every
         :data:`WAIT_LOG_INTERVAL` seconds.
+
+        NOTE: jobs on different machines exclude each other only where the file system supports
+        file locks across machines (NFS with its lock service, Lustre mounted with ``flock``).
         """
         lock = FileLock(str(self.directory / LOCK))
         if not _try_acquire(lock):

@@ -17,6 +17,7 @@ from attrbench.groundtruth.shards import (
     MissingShardsError, Shard, ShardIdentity, ShardMismatchError, check_sharding, merge_directory, merge_shards,
     plan_chunks, samples_key, shard_chunk_ids,
 )
+from attrbench.io import load_tensors
 from attrbench.stages import open_stage
 from attrbench.training.trainer import train
 
@@ -264,3 +265,19 @@ def test_stage_detects_corrupt_output(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert not stage.is_complete()
     assert "scores.bin does not match its SHA-256" in caplog.text
+
+
+def test_merge_command_takes_files_and_directories(tmp_path, capsys):
+    from attrbench.merge import merge_command
+
+    shards = _synthetic_shards(3, tmp_path / "shards")
+    output = tmp_path / "merged.safetensors"
+
+    status = merge_command([str(shards[0].path), str(shards[1].path.parent), str(shards[2].path), "-o", str(output)])
+
+    assert status == 0
+    merged = load_tensors(output)
+    assert torch.equal(merged["samples"], torch.arange(10, 16))
+    assert json.loads(output.with_suffix(".json").read_text())["num_shards"] == 3
+    assert merge_command([str(shards[0].path)]) == 1
+    assert "missing ground-truth shards: 1, 2 of 3" in capsys.readouterr().err

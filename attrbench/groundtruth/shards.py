@@ -233,18 +233,32 @@ def merge_shards(shards: list[Shard], where: str = "the given shards") -> Merged
     return MergedGroundTruth(delta, samples, identity, sources)
 
 
-def find_shard_files(directory: str | Path) -> list[Path]:
-    """Shard files anywhere under ``directory`` (a sweep directory, a run directory or a folder of copies)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory")
-    return sorted(path for path in directory.rglob(SHARD_GLOB) if not path.name.startswith("."))
+def find_shard_files(paths: list[str | Path]) -> list[Path]:
+    """Collect shard files: each path is a shard file or a directory searched recursively.
+
+    Raises:
+        FileNotFoundError: If a path does not exist.
+    """
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(file for file in path.rglob(SHARD_GLOB) if not file.name.startswith("."))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return sorted(set(found))
+
+
+def merge_paths(paths: list[str | Path]) -> MergedGroundTruth:
+    """Load the shard files found under ``paths`` (see :func:`find_shard_files`) and merge them."""
+    shards = [Shard.load(path) for path in find_shard_files(paths)]
+    return merge_shards(shards, where=", ".join(str(path) for path in paths))
 
 
 def merge_directory(directory: str | Path) -> MergedGroundTruth:
     """Load every shard file under ``directory`` and merge them (see :func:`merge_shards`)."""
-    shards = [Shard.load(path) for path in find_shard_files(directory)]
-    return merge_shards(shards, where=str(directory))
+    return merge_paths([directory])
 
 
 def _check_same_identity(shards: list[Shard]) -> None:
