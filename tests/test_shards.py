@@ -281,3 +281,18 @@ def test_merge_command_takes_files_and_directories(tmp_path, capsys):
     assert json.loads(output.with_suffix(".json").read_text())["num_shards"] == 3
     assert merge_command([str(shards[0].path)]) == 1
     assert "missing ground-truth shards: 1, 2 of 3" in capsys.readouterr().err
+
+
+def test_merge_rejects_truncated_shard_file(tmp_path):
+    shards = _synthetic_shards(2, tmp_path)
+    shards[1].path.write_bytes(shards[1].path.read_bytes()[:20])
+    with pytest.raises(ShardMismatchError, match="is not a valid safetensors file"):
+        merge_directory(tmp_path)
+
+
+def test_merge_rejects_overlapping_positions(tmp_path):
+    shards = _synthetic_shards(2, tmp_path)
+    overlapping = Shard(1, shards[1].identity, shards[1].delta, shards[1].samples, shards[0].positions)
+    overlapping.save(shards[1].path)
+    with pytest.raises(ShardMismatchError, match="do not cover every attributed sample exactly once"):
+        merge_directory(tmp_path)

@@ -159,17 +159,21 @@ class Shard:
         """Read a shard file.
 
         Raises:
-            ShardMismatchError: If the file is not an attrbench ground-truth shard.
+            ShardMismatchError: If the file is not a readable attrbench ground-truth shard.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_tensors(path)
+        except SafetensorError as error:
+            raise ShardMismatchError(f"{path} is not a valid safetensors file ({error}); it may be truncated, "
+                                     "so copy or recompute that shard") from error
         if metadata.get("format") != SHARD_FORMAT:
             raise ShardMismatchError(f"{path} is not a ground-truth shard file (format {metadata.get('format')!r}, "
                                      f"expected {SHARD_FORMAT!r})")
-        tensors = load_tensors(path)
         return cls(int(metadata["shard"]), ShardIdentity.from_metadata(metadata), tensors["delta"],
                    tensors["samples"], tensors["positions"], path)
 
@@ -222,7 +226,7 @@ def merge_shards(shards: list[Shard], where: str = "the given shards") -> Merged
     for shard in by_index.values():
         delta[:, shard.positions] = shard.delta
         samples[shard.positions] = shard.samples
-        covered[shard.positions] += 1
+        covered.index_add_(0, shard.positions, torch.ones_like(shard.positions))
     if not torch.all(covered == 1):
         raise ShardMismatchError(f"the shards in {where} do not cover every attributed sample exactly once "
                                  f"({int((covered == 0).sum())} uncovered, {int((covered > 1).sum())} repeated)")
