@@ -1,4 +1,4 @@
-"""``attrbench merge DIR``: assemble the ground-truth shards of one run from their files."""
+"""``attrbench merge PATH...``: assemble the ground-truth shards of one run from their files."""
 
 from __future__ import annotations
 

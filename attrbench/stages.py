@@ -89,7 +89,7 @@ class Stage:
         return f"stage {self.name} ({self.directory})"
 
     def is_complete(self) -> bool:
-        """True if the stage finished with this key and every output file matches its checksum."""
+        """Return True if the stage finished with this key and every output file matches its checksum."""
         record_path = self.directory / RECORD
         if not record_path.exists():
             return False

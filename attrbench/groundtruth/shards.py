@@ -51,7 +51,7 @@ class MissingShardsError(ValueError):
 
 
 def plan_chunks(first_steps: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
-    """Positions of the attributed samples in each chunk, the same cut that :func:`leave_one_out` makes."""
+    """Cut the attributed samples into chunks as :func:`leave_one_out` does; return each chunk's positions."""
     if chunk_size < 1:
         raise ValueError(f"groundtruth.chunk_size={chunk_size} must be at least 1")
     order = torch.argsort(first_steps, stable=True)
