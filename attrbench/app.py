@@ -17,7 +17,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def run_app(cfg: DictConfig) -> float:
-    """Run one experiment in the Hydra run directory; returns AdamW-influence's mean Spearman."""
+def run_app(cfg: DictConfig) -> float | None:
+    """Run one experiment in the Hydra run directory; returns AdamW-influence's mean Spearman.
+
+    A ground-truth shard job that did not evaluate, because other shards are unfinished, returns None.
+    """
     table = run_experiment(cfg, HydraConfig.get().runtime.output_dir)
+    if table is None:  # a ground-truth shard job whose other shards are not finished yet
+        return None
     return float(table["spearman_mean"].iloc[-1])

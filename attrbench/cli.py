@@ -13,6 +13,8 @@ USAGE = """usage: attrbench <command> [arguments]
 commands:
   run [overrides]   train, compute leave-one-out ground truth and influence, print the
                     Spearman table (a Hydra app: `attrbench run --help`, `attrbench run -m ...`)
+  merge PATH...     check and merge one run's ground-truth shard files, found under the
+                    given directories, into groundtruth.safetensors (`attrbench merge --help`)
 """
 
 
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["attrbench run", *rest]
         run_app()
         return 0
+    if command == "merge":
+        from attrbench.merge import merge_command
+
+        return merge_command(rest)
     print(f"attrbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
