@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attrbench.causal_lm import causal_lm_loss
 from attrbench.data import DataSplits
 from attrbench.groundtruth.loo import check_removal
 from attrbench.influence import METHODS
@@ -21,7 +22,7 @@ from attrbench.training.trajectory import DTYPES
 
 log = logging.getLogger(__name__)
 
-LOSSES = {"classification": classification_loss}
+LOSSES = {"classification": classification_loss, "causal_lm": causal_lm_loss}
 RUN_DTYPES = ("float32", "float64")
 
 
@@ -45,9 +46,27 @@ class Experiment:
     samples: torch.Tensor
 
     @property
+    def variant(self) -> str:
+        return describe_variant(self.data, self.task.model)
+
+    @property
     def description(self) -> str:
         c = self.config
-        return f"{c.setting.name} | data {self.data.source} | lr {c.optimizer.lr:g} | seed {c.seed} | {c.dtype}"
+        return (f"{c.setting.name} ({self.variant}) | data {self.data.source} | lr {c.optimizer.lr:g} | "
+                f"seed {c.seed} | {c.dtype}")
+
+
+def describe_variant(data: DataSplits, model: torch.nn.Module) -> str:
+    """``embedded`` (offline data and model), ``full`` (real ones), or a mix of the two named.
+
+    Loaders record the data's variant in ``data.info["variant"]`` and model constructors set
+    ``model.attrbench_variant``; a model without it (trained from scratch) follows the data.
+    """
+    data_variant = data.info.get("variant", "full")
+    model_variant = getattr(model, "attrbench_variant", data_variant)
+    if data_variant == model_variant:
+        return data_variant
+    return f"{data_variant} data, {model_variant} model"
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -24,6 +24,7 @@ from attrbench.groundtruth.loo import leave_one_out
 from attrbench.influence import InfluenceScores, build_method, compute_influence
 from attrbench.io import load_tensors, save_tensors, write_json, write_text
 from attrbench.stages import Stage, config_key, open_stage
+from attrbench.tasks import select
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
 
@@ -48,7 +49,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
         predictions[method] = scores.predicted_delta(cfg.groundtruth.removal)[:, experiment.samples].numpy()
         influence_stages[method] = stage
 
-    table = evaluate(experiment, delta.numpy(), predictions, run_dir)
+    table = evaluate(experiment, delta[: num_scored(experiment)].numpy(), predictions, run_dir)
     timings["total"] = time.perf_counter() - started
     _write_run_summary(run_dir, experiment, table, timings,
                        {"train": train_stage, "groundtruth": groundtruth_stage, **influence_stages})
@@ -141,10 +142,24 @@ def groundtruth_for(experiment: Experiment, trajectory: Trajectory, train_stage:
     return delta, stage
 
 
+def num_scored(experiment: Experiment) -> int:
+    """How many test functions, from the first, enter the Spearman table (``evaluation.num_scored``)."""
+    requested, available = experiment.config.evaluation.get("num_scored"), experiment.data.num_test
+    if requested is None:
+        return available
+    if not 1 <= requested <= available:
+        raise ValueError(f"evaluation.num_scored={requested} must lie between 1 and the {available} test functions")
+    return requested
+
+
 def influence_for(experiment: Experiment, trajectory: Trajectory, train_stage: Stage, name: str):
-    """Influence scores of one method for every test point and training sample."""
+    """Influence scores of one method for every scored test function and training sample."""
     cfg = experiment.config
-    stage = open_stage(cfg.cache_dir, f"influence/{name}", {"train": train_stage.key, "method": name})
+    scored = num_scored(experiment)
+    config = {"train": train_stage.key, "method": name}
+    if scored < experiment.data.num_test:
+        config["num_scored"] = scored
+    stage = open_stage(cfg.cache_dir, f"influence/{name}", config)
     path = stage.directory / "scores.safetensors"
     if stage.is_complete():
         log.info("%s: reusing %s", name, path)
@@ -153,7 +168,8 @@ def influence_for(experiment: Experiment, trajectory: Trajectory, train_stage: S
 
     start = time.perf_counter()
     scores = compute_influence(
-        build_method(name), experiment.task, experiment.data.train, experiment.data.test, trajectory,
+        build_method(name), experiment.task, experiment.data.train, select(experiment.data.test, slice(0, scored)),
+        trajectory,
         query_chunk_size=cfg.influence.query_chunk_size, device=experiment.device, progress=cfg.progress,
     )
     digest = save_tensors(path, {"derivative": scores.derivative,
@@ -189,6 +205,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
         run_dir / "summary.json",
         {
             "setting": cfg.setting.name,
+            "variant": experiment.variant,
             "data_source": experiment.data.source,
             "optimizer": experiment.optimizer.name,
             "lr": cfg.optimizer.lr,
@@ -197,6 +214,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
             "removal": cfg.groundtruth.removal,
             "num_train": experiment.data.num_train,
             "num_test": experiment.data.num_test,
+            "num_scored": num_scored(experiment),
             "num_samples": len(experiment.samples),
             "num_steps": experiment.batches.num_steps,
             "num_parameters": experiment.task.num_parameters,

