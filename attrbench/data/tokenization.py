@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from attrbench.data.hub import unavailable_error
 
@@ -86,14 +87,13 @@ def _load_tokenizer(spec: TokenizerSpec):
     from transformers import AutoTokenizer
 
     source = spec.path or spec.name
+    if spec.path is not None and not Path(spec.path).expanduser().is_dir():
+        raise FileNotFoundError(f"model.path={spec.path!r} is not a directory with the tokenizer files")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         if spec.path is not None:
-            raise FileNotFoundError(
-                f"model.path={spec.path!r} holds no tokenizer files ({error}); save the tokenizer "
-                "there with tokenizer.save_pretrained(path)"
-            ) from error
+            raise
         raise unavailable_error("tokenizer", spec.name, error, "model.path", spec.embedded_hint, spec.gated) from error
     log.info("tokenizer %s: %d tokens", source, len(tokenizer))
     return tokenizer

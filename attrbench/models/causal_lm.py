@@ -2,19 +2,23 @@
 
 Every model is returned ready for attribution: eager attention (the same arithmetic on every
 device, and differentiable twice), dropout probabilities set to 0 and the module in eval mode (so
-training is deterministic), no key-value cache, and all parameters trainable. The tokenizer spec
-passed with the model fixes the vocabulary, so a tiny model's embedding matches its tokenizer.
+training is deterministic), no key-value cache, and all parameters trainable. Llama models get
+the full-precision eager attention and RMSNorm of :mod:`attrbench.models.precision`, which equal
+transformers' own in float32 and stay in float64 in a float64 run. The tokenizer spec passed with
+the model fixes the vocabulary, so a tiny model's embedding matches its tokenizer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 from torch import nn
 
 from attrbench.data.hub import unavailable_error
 from attrbench.data.tokenization import load_tokenizer
+from attrbench.models.precision import FULL_PRECISION_EAGER, register_full_precision_eager, replace_rms_norms
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +51,18 @@ def load_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = path or name
+    if path is not None and not (Path(path).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={path!r} holds no config.json; save the model there with model.save_pretrained(path)"
+        )
     try:
         config = AutoConfig.from_pretrained(source)
         _disable_dropout(config)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, attn_implementation=ATTENTION)
+        attention = _attention_for(config.model_type)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, attn_implementation=attention)
     except OSError as error:
         if path is not None:
-            raise FileNotFoundError(
-                f"model.path={path!r} holds no loadable model ({error}); save one there with "
-                "model.save_pretrained(path)"
-            ) from error
+            raise
         raise unavailable_error("model", name, error, "model.path", embedded_hint, gated) from error
     _check_vocabulary(model, load_tokenizer(tokenizer), source)
     return prepare_for_attribution(model, "full")
@@ -121,7 +127,7 @@ def tiny_llama(
         tie_word_embeddings=True,
         bos_token_id=text_tokenizer.bos_token_id,
         eos_token_id=text_tokenizer.eos_token_id,
-        attn_implementation=ATTENTION,
+        attn_implementation=_attention_for("llama"),
     )
     _disable_dropout(config)
     return prepare_for_attribution(LlamaForCausalLM(config), "embedded")
@@ -133,8 +139,11 @@ def prepare_for_attribution(model: nn.Module, variant: str) -> nn.Module:
     ``variant`` is ``"full"`` for pretrained weights and ``"embedded"`` for a tiny random model;
     the run summary reports it.
     """
-    if getattr(model.config, "_attn_implementation", ATTENTION) != ATTENTION:
-        raise ValueError(f"expected eager attention, got {model.config._attn_implementation!r}")
+    expected = _attention_for(model.config.model_type)
+    if model.config._attn_implementation != expected:
+        raise ValueError(f"expected attention {expected!r}, got {model.config._attn_implementation!r}")
+    if model.config.model_type == "llama":
+        replace_rms_norms(model)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -143,6 +152,13 @@ def prepare_for_attribution(model: nn.Module, variant: str) -> nn.Module:
     model.requires_grad_(True)
     model.attrbench_variant = variant
     return model
+
+
+def _attention_for(model_type: str) -> str:
+    if model_type == "llama":
+        register_full_precision_eager()
+        return FULL_PRECISION_EAGER
+    return ATTENTION
 
 
 def _disable_dropout(config) -> None:
