@@ -74,7 +74,7 @@ def _is_vmapped(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is batched by an enclosing ``vmap`` (at any level of ``torch.func``).
 
     NOTE: torch has no public API for this; the private functions used here exist in torch 2.14.
-    Without them the answer is True, which only disables the padding cut.
+    Without them it returns True, which only disables the padding cut.
     """
     functorch = getattr(torch._C, "_functorch", None)
     needed = ("is_functorch_wrapped_tensor", "is_batchedtensor", "get_unwrapped")

@@ -19,7 +19,7 @@ SETTINGS = {
               "train.batch_size=4", "model.hidden_size=16", "model.num_hidden_layers=1"],
 }
 EXPECTED = {"gpt2": {"num_train": 24, "num_test": 6, "num_scored": 4, "num_steps": 6, "dtype": "float64"},
-            "llama": {"num_train": 12, "num_test": 4, "num_scored": 4, "num_steps": 3, "dtype": "float32"}}
+            "llama": {"num_train": 12, "num_test": 4, "num_scored": 4, "num_steps": 3, "dtype": "float64"}}
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))

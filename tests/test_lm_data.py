@@ -239,9 +239,24 @@ def test_setting_configs_follow_protocol():
     assert (gpt2.groundtruth.num_samples, gpt2.evaluation.num_scored) == (50, 64)
     assert (gpt2.model.name, gpt2.data.tokenizer.name) == ("gpt2", "gpt2")
     assert (llama.data.num_train, llama.data.num_test, llama.data.max_length, llama.train.epochs) == (512, 100, 512, 1)
-    assert llama.model.name == "meta-llama/Llama-3.2-1B"
+    assert (llama.model.name, llama.dtype, gpt2.dtype) == ("meta-llama/Llama-3.2-1B", "float32", "float64")
     assert llama.optimizer.lr >= 5e-7
     assert dict(llama.data.templates) == DEFAULT_TEMPLATES
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         embedded = compose("config", overrides=["setting=llama", "data=embedded_sft", "model=tiny_llama"])
     assert dict(embedded.data.templates) == DEFAULT_TEMPLATES
+    assert embedded.dtype == "float64"
+
+
+def test_model_configs_set_memory_sizes():
+    overrides = {"gpt2": ["setting=gpt2"], "tiny_gpt2": ["setting=gpt2", "data=embedded_text", "model=tiny_gpt2"],
+                 "llama": ["setting=llama"], "tiny_llama": ["setting=llama", "data=embedded_sft", "model=tiny_llama"]}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        configs = {name: compose("config", overrides=values) for name, values in overrides.items()}
+    sizes = {name: (cfg.train.micro_batch_size, cfg.groundtruth.chunk_size, cfg.influence.query_chunk_size,
+                    cfg.trajectory.checkpoint_every, cfg.optimizer.lr) for name, cfg in configs.items()}
+    assert sizes == {"gpt2": (4, 10, 8, 4, 1e-4), "tiny_gpt2": (None, 25, 16, 1, 1e-4),
+                     "llama": (1, 4, 2, 2, 1e-6), "tiny_llama": (None, 16, 16, 1, 1e-6)}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        override = compose("config", overrides=["setting=gpt2", "train.micro_batch_size=2", "dtype=float32"])
+    assert (override.train.micro_batch_size, override.dtype) == (2, "float32")

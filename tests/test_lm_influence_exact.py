@@ -1,7 +1,7 @@
 """AdamW-influence on tiny GPT-2 and Llama models against autograd through the unrolled run.
 
-Both problems run in float64 with AdamW (weight decay on), a warmup-then-linear learning-rate
-schedule (so the first update has learning rate 0) and two epochs; the Llama data are right-padded
+Both problems run in float64 with AdamW (weight decay on) for two epochs. The warmup-then-linear
+learning-rate schedule gives the first update learning rate 0. The Llama data are right-padded
 instruction pairs whose prompt tokens are masked out of the loss.
 """
 

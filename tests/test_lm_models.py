@@ -107,5 +107,5 @@ def test_missing_tokenizer_names_ways_out():
 
 
 def test_missing_local_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.path=.*holds no config.json"):
+    with pytest.raises(FileNotFoundError, match="model.path=.*contains no config.json"):
         load_pretrained("gpt2", TOKENIZER, path=str(tmp_path))

@@ -1,7 +1,7 @@
 """Hugging Face datasets from the Hub, its offline cache, or a local copy, with one clear error.
 
-Every loader here honours the usual Hugging Face switches: with network access a dataset is
-downloaded once and cached (under ``HF_HOME``); with ``HF_HUB_OFFLINE=1`` or
+Every loader here honours the usual Hugging Face switches. With network access a dataset is
+downloaded once and cached under ``HF_HOME``. With ``HF_HUB_OFFLINE=1`` or
 ``HF_DATASETS_OFFLINE=1`` only the cache is read. A local path replaces the Hub entirely. When
 neither works the loaders raise :class:`SourceUnavailableError`, whose message names the source
 and the ways to make it available.

@@ -8,7 +8,7 @@ right; a sample whose response is cut away entirely is rejected.
 
 Training examples fill the Alpaca prompt template with the record's instruction and input. A test
 function is the loss of a SAMSum reference summary given the dialogue, written as an instruction
-with the dialogue as input, so the fine-tuned model sees the same format. The templates are config
+with the dialogue as input, so the fine-tuned model is scored in the format it was trained on. The templates are config
 values (``data.templates``); the defaults are in ``conf/data/alpaca_samsum.yaml``.
 """
 
@@ -54,9 +54,9 @@ def load_alpaca_samsum(
 
     Args:
         tokenizer: Tokenizer spec (the model config's ``tokenizer`` node).
-        alpaca: ``{name, config, split, path}`` of the instruction data; ``path`` (a JSON file of
-            instruction/input/output records, a ``save_to_disk`` directory or a copy of the Hub
-            repository) replaces the Hub.
+        alpaca: ``{name, config, split, path}`` of the instruction data. A ``path`` replaces the
+            Hub: a JSON file of instruction/input/output records, a ``save_to_disk`` directory or
+            a copy of the Hub repository.
         samsum: The same for the dialogues (records with id, dialogue and summary).
         num_train: Training examples from the start of the split; None takes all.
         num_test: Test dialogues from the start of the split; None takes all.
@@ -138,7 +138,7 @@ def build_sft_splits(
 
 
 def instruction_prompt(record: Mapping, templates: Mapping) -> str:
-    """The prompt of an Alpaca-style record: the template with or without its input section."""
+    """Fill the prompt template of an Alpaca-style record, with or without its input section."""
     text_input = record.get("input") or ""
     if text_input.strip():
         return templates["prompt"].format(instruction=record["instruction"], input=text_input)
@@ -146,7 +146,7 @@ def instruction_prompt(record: Mapping, templates: Mapping) -> str:
 
 
 def encode_pairs(
-    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, what: str
+    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, config_key: str
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Tokenize ``(prompt, response)`` pairs into a right-padded batch with masked prompts.
 
@@ -154,7 +154,7 @@ def encode_pairs(
         The batch (``input_ids``, ``attention_mask``, ``labels``) and token statistics.
     """
     if not pairs:
-        raise ValueError(f"{what} has no records")
+        raise ValueError(f"{config_key} has no records")
     prompts = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     responses = tokenizer([response for _, response in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -170,14 +170,14 @@ def encode_pairs(
         label = ([IGNORE_INDEX] * len(context) + target)[:max_length]
         if all(token == IGNORE_INDEX for token in label):
             raise ValueError(
-                f"{what} record {index}: its prompt alone has {len(context)} tokens, so data.max_length="
+                f"{config_key} record {index}: its prompt alone has {len(context)} tokens, so data.max_length="
                 f"{max_length} leaves no response token to train or score on; raise data.max_length"
             )
         sequences.append(ids)
         labels.append(label)
     if truncated:
         log.warning("%s: %d of %d sequences were longer than data.max_length=%d and were cut",
-                    what, truncated, len(pairs), max_length)
+                    config_key, truncated, len(pairs), max_length)
     batch = _pad(sequences, labels, pad_token_id(tokenizer))
     lengths = batch["attention_mask"].sum(dim=1)
     stats = {
@@ -203,7 +203,7 @@ def _pad(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> di
 
 
 def _records(spec: Mapping, key: str, fields: Sequence[str], count: int | None, count_key: str) -> list[dict]:
-    """The first ``count`` records of the dataset described by ``spec``, with ``fields`` checked."""
+    """Load the first ``count`` records of the dataset described by ``spec`` and check ``fields``."""
     spec = dict(spec)
     unknown = set(spec) - {"name", "config", "split", "path"}
     if unknown:

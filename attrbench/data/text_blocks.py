@@ -1,8 +1,8 @@
 """Fixed-length token blocks for continual pretraining: WikiText-2, or CPython's documentation.
 
 A split's text is tokenized in order (without special tokens), the token ids are concatenated,
-and the stream is cut into consecutive blocks of ``block_size`` tokens; the first ``num_train``
-training blocks and the first ``num_test`` validation blocks are kept. Every token of a block is a
+and the stream is cut into consecutive blocks of ``block_size`` tokens. The loaders keep the
+first ``num_train`` training blocks and the first ``num_test`` validation blocks. Every token of a block is a
 loss token, so a block's loss is the mean next-token loss over its last ``block_size - 1`` tokens.
 """
 
@@ -77,7 +77,7 @@ def load_embedded_text(
 ) -> DataSplits:
     """Blocks of CPython's bundled documentation, which ships with every Python installation.
 
-    The topics are sorted by name; every ``validation_every``-th topic (the 5th, 10th, ...) is a
+    The topics are sorted by name. Every ``validation_every``-th topic (the 5th, 10th, ...) is a
     validation document and the others are training documents, so test blocks come from texts
     the model never trains on. Documents are joined with the tokenizer's end-of-text token.
 
@@ -130,7 +130,7 @@ def _token_stream(tokenizer, text_batches: Iterable[list[str]], separator: int |
             yield from ids
 
 
-def _cut_blocks(stream: Iterator[int], block_size: int, count: int, what: str, role: str) -> torch.Tensor:
+def _cut_blocks(stream: Iterator[int], block_size: int, count: int, description: str, role: str) -> torch.Tensor:
     needed = block_size * count
     tokens = []
     for token in stream:
@@ -140,7 +140,7 @@ def _cut_blocks(stream: Iterator[int], block_size: int, count: int, what: str, r
     if len(tokens) < needed:
         key = "num_train" if role == "train" else "num_test"
         raise ValueError(
-            f"data.{key}={count} blocks of {block_size} tokens need {needed} tokens, but the {what} "
+            f"data.{key}={count} blocks of {block_size} tokens need {needed} tokens, but the {description} "
             f"give only {len(tokens)}; lower data.{key} or data.block_size"
         )
     return torch.tensor(tokens, dtype=torch.long).view(count, block_size)

@@ -28,7 +28,7 @@ END_OF_TEXT = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """Which tokenizer to load.
+    """Description of the tokenizer to load.
 
     Attributes:
         name: ``embedded_bpe`` or a Hugging Face Hub id such as ``gpt2``.
@@ -132,7 +132,7 @@ def train_embedded_tokenizer(vocab_size: int):
 
 
 def pad_token_id(tokenizer) -> int:
-    """The padding id: the tokenizer's own, else its end-of-text id (padding is never attended)."""
+    """Return the padding id: the tokenizer's own, else its end-of-text id (padding is never attended)."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:

@@ -53,7 +53,7 @@ def load_pretrained(
     source = path or name
     if path is not None and not (Path(path).expanduser() / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.path={path!r} holds no config.json; save the model there with model.save_pretrained(path)"
+            f"model.path={path!r} contains no config.json; save the model there with model.save_pretrained(path)"
         )
     try:
         config = AutoConfig.from_pretrained(source)
@@ -75,7 +75,7 @@ def tiny_gpt2(
     n_layer: int = 2,
     n_head: int = 2,
 ) -> nn.Module:
-    """A randomly initialised ``GPT2LMHeadModel`` (the real architecture, small widths).
+    """Build a randomly initialised ``GPT2LMHeadModel`` (the real architecture, small widths).
 
     The vocabulary size is the tokenizer's; the output layer is tied to the token embedding,
     as in GPT-2.
@@ -107,7 +107,7 @@ def tiny_llama(
     max_position_embeddings: int = 512,
     rope_theta: float = 500000.0,
 ) -> nn.Module:
-    """A randomly initialised ``LlamaForCausalLM`` (the real architecture, small widths).
+    """Build a randomly initialised ``LlamaForCausalLM`` (the real architecture, small widths).
 
     Like Llama 3.2-1B it uses grouped-query attention (fewer key-value heads than query heads)
     and ties the output layer to the token embedding. The vocabulary size is the tokenizer's.
