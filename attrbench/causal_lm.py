@@ -7,8 +7,10 @@ predicted from tokens ``0 .. k-1``, so the loss compares the logits at positions
 the labels at ``1 .. L-1``, as transformers' own causal-LM loss does.
 
 The loss runs the model through ``torch.func.functional_call`` and composes with ``vmap``, ``grad``
-and ``jvp`` (tested with transformers 5.25 for GPT-2 and Llama with eager attention): the model
-gets explicit position ids and an attention mask, and no key-value cache.
+and ``jvp`` (tested with transformers 4.53 and 5.25, GPT-2 and Llama, eager attention). The model
+gets explicit position ids, no key-value cache, and a ready 4D additive attention mask, so none of
+its own mask code runs: in transformers 4.53, GPT-2 builds its mask with an in-place update that
+fails under ``vmap`` over samples.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ def causal_lm_loss(model: nn.Module, params: dict[str, torch.Tensor], batch: Bat
     _check_length(model, input_ids.shape[-1])
     # Counting attended tokens gives each token its position for right- and left-padded rows alike.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    dtype = next(value.dtype for value in params.values() if value.is_floating_point())
     inputs = {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        "attention_mask": additive_attention_mask(attention_mask, dtype),
         "position_ids": position_ids,
         "use_cache": False,
     }
@@ -51,6 +54,19 @@ def causal_lm_loss(model: nn.Module, params: dict[str, torch.Tensor], batch: Bat
     ).view(targets.shape)
     counts = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
     return token_losses.sum(-1) / counts.to(token_losses.dtype)
+
+
+def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a ``[B, L]`` padding mask into the ``[B, 1, L, L]`` causal mask that eager attention adds.
+
+    Entry ``(q, k)`` is 0 where query ``q`` may attend to key ``k`` (``k <= q`` and ``k`` is not
+    padding) and the dtype's minimum elsewhere, the values transformers' eager masks use.
+    """
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool().unsqueeze(-2)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=attention_mask.device), blocked).unsqueeze(-3)
 
 
 def trim_padding(batch: Batch) -> Batch:

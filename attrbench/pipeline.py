@@ -36,6 +36,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     experiment = build_experiment(cfg)
+    scored = num_scored(experiment)
     log.info("run: %s, %d steps, %d parameters, device %s", experiment.description,
              experiment.batches.num_steps, experiment.task.num_parameters, experiment.device)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -49,7 +50,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
         predictions[method] = scores.predicted_delta(cfg.groundtruth.removal)[:, experiment.samples].numpy()
         influence_stages[method] = stage
 
-    table = evaluate(experiment, delta[: num_scored(experiment)].numpy(), predictions, run_dir)
+    table = evaluate(experiment, delta[:scored].numpy(), predictions, run_dir)
     timings["total"] = time.perf_counter() - started
     _write_run_summary(run_dir, experiment, table, timings,
                        {"train": train_stage, "groundtruth": groundtruth_stage, **influence_stages})
