@@ -144,13 +144,17 @@ def groundtruth_for(experiment: Experiment, trajectory: Trajectory, train_stage:
 
 
 def num_scored(experiment: Experiment) -> int:
-    """How many test functions, from the first, enter the Spearman table (``evaluation.num_scored``)."""
+    """How many test functions, from the first, enter the Spearman table.
+
+    ``evaluation.num_scored`` caps the count; with fewer test functions (a smaller data variant,
+    say) all of them are scored.
+    """
     requested, available = experiment.config.evaluation.get("num_scored"), experiment.data.num_test
     if requested is None:
         return available
-    if not 1 <= requested <= available:
-        raise ValueError(f"evaluation.num_scored={requested} must lie between 1 and the {available} test functions")
-    return requested
+    if requested < 1:
+        raise ValueError(f"evaluation.num_scored={requested} must be at least 1, or null to score every test function")
+    return min(requested, available)
 
 
 def influence_for(experiment: Experiment, trajectory: Trajectory, train_stage: Stage, name: str):

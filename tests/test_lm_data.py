@@ -87,8 +87,8 @@ def test_wikitext_too_few_tokens(tmp_path):
 
 def test_embedded_text_holds_out_topics():
     splits = load_embedded_text({"name": "embedded_bpe", "vocab_size": 1024})
-    assert splits.train["input_ids"].shape == (256, 64)
-    assert splits.test["input_ids"].shape == (64, 64)
+    assert splits.train["input_ids"].shape == (128, 32)
+    assert splits.test["input_ids"].shape == (32, 32)
     assert int(splits.train["input_ids"].max()) < 1024
     documents = len(pydoc_documents())
     assert splits.info["num_documents"] == {"train": documents - documents // 5, "test": documents // 5}

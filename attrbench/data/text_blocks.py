@@ -69,9 +69,9 @@ def load_wikitext2(
 
 def load_embedded_text(
     tokenizer: Mapping,
-    block_size: int = 64,
-    num_train: int = 256,
-    num_test: int = 64,
+    block_size: int = 32,
+    num_train: int = 128,
+    num_test: int = 32,
     validation_every: int = 5,
     seed: int = 0,
 ) -> DataSplits:
