@@ -1,7 +1,7 @@
 """Llama in float64 without float32 pieces.
 
-transformers' Llama (checked with version 5.25) computes the eager attention softmax and the RMSNorm
-statistics in float32 whatever the model's dtype. A float64 run then evaluates a function that is
+transformers' Llama (checked with versions 4.53 and 5.25) computes the eager attention softmax
+and the RMSNorm statistics in float32 whatever the model's dtype. A float64 run then evaluates a function that is
 only float32-accurate, and two exact ways of differentiating it (the influence adjoint and autograd
 through the unrolled run) disagree at about 1e-7. The two replacements below compute those pieces
 in float32 or in the input's dtype, whichever is wider: for float32 and narrower inputs they do
