@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attrbench.causal_lm import causal_lm_loss
 from attrbench.data import DataSplits
 from attrbench.groundtruth.loo import check_removal
 from attrbench.influence import METHODS
@@ -21,7 +22,7 @@ from attrbench.training.trajectory import DTYPES
 
 log = logging.getLogger(__name__)
 
-LOSSES = {"classification": classification_loss}
+LOSSES = {"classification": classification_loss, "causal_lm": causal_lm_loss}
 RUN_DTYPES = ("float32", "float64")
 
 

@@ -34,6 +34,7 @@ from attrbench.influence import InfluenceScores, build_method, compute_influence
 from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_text
 from attrbench.memory import check_memory
 from attrbench.stages import Stage, config_key, copy_file, open_stage, suggest_on_out_of_memory
+from attrbench.tasks import select
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
 
@@ -54,6 +55,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     gt = cfg.groundtruth
     check_sharding(gt.num_samples, gt.chunk_size, gt.num_shards, gt.shard)
     experiment = build_experiment(cfg)
+    num_scored(experiment)  # rejects an invalid evaluation.num_scored before any work
     log.info("run: %s, %d steps, %d parameters, device %s", experiment.description,
              experiment.batches.num_steps, experiment.task.num_parameters, experiment.device)
     check_memory(experiment)
@@ -230,10 +232,27 @@ def _reuse_or_compute_shard(experiment: Experiment, trajectory: Trajectory, stag
                              experiment.device, cfg.progress)
 
 
+def num_scored(experiment: Experiment) -> int:
+    """How many test functions, from the first, enter the Spearman table.
+
+    ``evaluation.num_scored`` caps the count; with fewer test functions (a smaller data variant,
+    say) all of them are scored.
+    """
+    requested, available = experiment.config.evaluation.get("num_scored"), experiment.data.num_test
+    if requested is None:
+        return available
+    if requested < 1:
+        raise ValueError(f"evaluation.num_scored={requested} must be at least 1, or null to score every test function")
+    return min(requested, available)
+
+
 def influence_for(experiment: Experiment, trajectory: Trajectory, stages: dict[str, Stage], name: str):
-    """Influence scores of one method for every test point and training sample."""
+    """Influence scores of one method for every scored test function and training sample."""
     cfg = experiment.config
+    scored = num_scored(experiment)
     config = {"train": stages["train"].key, "trajectory": trajectory_sha256(trajectory), "method": name}
+    if scored < experiment.data.num_test:
+        config["num_scored"] = scored
     stage = stages[name] = open_stage(cfg.cache_dir, f"influence/{name}", config)
     path = stage.directory / "scores.safetensors"
     with stage.lock():
@@ -248,7 +267,8 @@ def influence_for(experiment: Experiment, trajectory: Trajectory, stages: dict[s
                   f"reverse sweep), for example influence.query_chunk_size={max(1, cfg.influence.query_chunk_size // 2)}.")
         with suggest_on_out_of_memory(name, advice):
             scores = compute_influence(
-                build_method(name), experiment.task, experiment.data.train, experiment.data.test, trajectory,
+                build_method(name), experiment.task, experiment.data.train,
+                select(experiment.data.test, slice(0, scored)), trajectory,
                 query_chunk_size=cfg.influence.query_chunk_size, device=experiment.device, progress=cfg.progress,
             )
         digest = save_tensors(path, {"derivative": scores.derivative,
@@ -290,8 +310,11 @@ def evaluation_for(experiment: Experiment, groundtruth: MergedGroundTruth, influ
 
 def evaluate(experiment: Experiment, groundtruth: MergedGroundTruth, predictions: dict[str, np.ndarray],
              out_dir: Path) -> pd.DataFrame:
-    """Per-test-point correlations, the summary table and the plots, written to ``out_dir``."""
-    delta = groundtruth.delta.numpy()
+    """Per-test-point correlations, the summary table and the plots, written to ``out_dir``.
+
+    Only the first ``evaluation.num_scored`` test functions enter the correlations.
+    """
+    delta = groundtruth.delta[: num_scored(experiment)].numpy()
     per_test = pd.concat(
         [rowwise_correlations(predicted, delta).assign(method=method, test_point=np.arange(len(delta)))
          for method, predicted in predictions.items()],
@@ -327,6 +350,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
             "removal": cfg.groundtruth.removal,
             "num_train": experiment.data.num_train,
             "num_test": experiment.data.num_test,
+            "num_scored": num_scored(experiment),
             "num_samples": len(experiment.samples),
             "num_steps": experiment.batches.num_steps,
             "num_parameters": experiment.task.num_parameters,

@@ -6,6 +6,11 @@ unrolled run is cheap: a 5-16-... MLP is not needed, a 6-4-3 ReLU MLP on 23 samp
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -13,6 +18,13 @@ from attrbench.models.mlp import MLP
 from attrbench.tasks import Task, classification_loss
 from attrbench.training.optim import OptimizerSpec
 from attrbench.training.schedule import BatchSchedule, learning_rates
+
+# Tests never contact the Hugging Face Hub and never read a developer's cache. The Hugging Face
+# libraries read these variables on first import, which happens later, in the test modules.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="attrbench-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 # Relative tolerance for "equals the exact derivative" in float64.
 EXACT_RTOL = 1e-8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from attrbench.influence.adamw import adamw_update
-from attrbench.tasks import select
+from attrbench.tasks import num_samples, select
 
 
 def unrolled_test_losses(task, train, test, batches, lrs, optimizer_name, hyperparameters, step_weights):
@@ -36,7 +36,7 @@ def unrolled_test_losses(task, train, test, batches, lrs, optimizer_name, hyperp
 
 def weight_derivatives(task, train, test, batches, lrs, optimizer_name, hyperparameters, samples):
     """``dF_q/dw_j`` for every test loss q and sample j (weights shared by all of j's steps)."""
-    num_train = len(train["y"])
+    num_train = num_samples(train)
     weights = torch.ones(num_train, dtype=torch.float64, requires_grad=True)
 
     def step_weights(step, batch_index):
@@ -59,7 +59,9 @@ def renormalized_directional_derivatives(task, train, test, batches, lrs, optimi
             if not contains.any() or size < 2:
                 direction = -contains.to(torch.float64)
             else:
-                direction = torch.where(contains, -1.0, 1.0 / (size - 1)).to(torch.float64)
+                # Built in float64: a float32 1/(size - 1) is off by up to 3e-8 (for size 4, say).
+                others = torch.full((size,), 1.0 / (size - 1), dtype=torch.float64)
+                direction = torch.where(contains, -1.0, others)
             return 1.0 + alpha * direction, size
 
         losses = unrolled_test_losses(task, train, test, batches, lrs, optimizer_name, hyperparameters, step_weights)

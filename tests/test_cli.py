@@ -64,6 +64,7 @@ def test_rerun_reuses_finished_stages(tmp_path):
         ("groundtruth.removal=drop", "groundtruth.removal='drop'"),
         ("groundtruth.num_samples=999", "groundtruth.num_samples=999 exceeds"),
         ("data.num_train=4995", "exceeds the 5000 MNIST images"),
+        ("evaluation.num_scored=0", "evaluation.num_scored=0 must be at least 1"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, override, message):
