@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call
 
-from attrbench.experiment import Experiment, build_experiment, derive_seed
+from attrbench.experiment import LOSSES, configure_torch, derive_seed, resolve_device, validate_config
 from attrbench.io import save_tensors, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
@@ -33,13 +35,36 @@ from attrbench.selection.offline import train_offline
 from attrbench.selection.online import SelectionRun, check_fraction, train_online
 from attrbench.stages import open_stage
 from attrbench.tasks import Batch, Task, num_samples, select
+from attrbench.training.optim import OptimizerSpec
 from attrbench.training.schedule import BatchSchedule, learning_rates
 from attrbench.training.trainer import train
-from attrbench.training.trajectory import CorruptTrajectoryError, Trajectory
+from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
 
 log = logging.getLogger(__name__)
 
 SELECTION_METHODS = ("none", "random", "lookahead", "offline")
+
+
+@dataclass
+class SelectionSetup:
+    """Everything a selection run computes on, built once from the config."""
+
+    config: DictConfig
+    device: torch.device
+    data: SelectionData
+    task: Task
+    batches: BatchSchedule
+    lrs: list[float]
+    optimizer: OptimizerSpec
+
+    @property
+    def description(self) -> str:
+        c, selection = self.config, self.config.selection
+        method = f"lookahead K={selection.horizon}" if selection.method == "lookahead" else selection.method
+        return (
+            f"{c.setting.name} | {method} | drop {selection.fraction:g} | lr {c.optimizer.lr:g} | "
+            f"seed {c.seed} | {c.dtype}"
+        )
 
 
 def validate_selection(cfg: DictConfig) -> None:
@@ -54,25 +79,41 @@ def validate_selection(cfg: DictConfig) -> None:
     check_fraction(selection.fraction)
 
 
-def run_selection(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run the configured selection method, write its results into ``run_dir`` and return the summary."""
+def build_selection(cfg: DictConfig) -> SelectionSetup:
+    """Data splits, task, batch schedule and optimizer of a selection run.
+
+    Data and initialization come from the same derived seeds as in ``attrbench run``, so the
+    model starts from the same weights. The validation split is then taken out of the training
+    split, and the batch schedule shuffles what remains. Leave-one-out samples are not drawn,
+    so ``groundtruth`` settings do not constrain a selection run.
+    """
+    validate_config(cfg)
     validate_selection(cfg)
-    run_dir = Path(run_dir)
-    started = time.perf_counter()
-    experiment = build_experiment(cfg)
-    data = split_validation(
-        experiment.data, cfg.selection.num_validation, derive_seed(cfg.seed, "validation")
-    )
+    configure_torch(cfg.deterministic)
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    loaded = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
+
+    data = split_validation(loaded, cfg.selection.num_validation, derive_seed(cfg.seed, "validation"))
     batches = BatchSchedule.shuffled(
         data.num_train, cfg.train.batch_size, cfg.train.epochs, derive_seed(cfg.seed, "batches")
     )
     lrs = learning_rates(cfg.schedule.name, cfg.optimizer.lr, batches.num_steps, cfg.schedule.warmup_ratio)
-    method = cfg.selection.method
+    optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    return SelectionSetup(cfg, device, data, task, batches, lrs, optimizer)
+
+
+def run_selection(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run the configured selection method, write its results into ``run_dir`` and return the summary."""
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    setup = build_selection(cfg)
+    data, batches = setup.data, setup.batches
     log.info(
-        "select: %s, method %s, fraction %g, %d steps, %d train / %d validation / %d test",
-        experiment.description,
-        method if method != "lookahead" else f"lookahead K={cfg.selection.horizon}",
-        cfg.selection.fraction,
+        "select: %s, %d steps, %d train / %d validation / %d test samples",
+        setup.description,
         batches.num_steps,
         data.num_train,
         num_samples(data.validation),
@@ -81,9 +122,10 @@ def run_selection(cfg: DictConfig, run_dir: str | Path) -> dict:
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     selection_started = time.perf_counter()
-    run = _select_and_train(cfg, experiment, data, batches, lrs)
+    run = _select_and_train(setup)
     selection_seconds = time.perf_counter() - selection_started
 
+    method = cfg.selection.method
     summary = {
         "setting": cfg.setting.name,
         "method": method,
@@ -100,8 +142,8 @@ def run_selection(cfg: DictConfig, run_dir: str | Path) -> dict:
         "num_test": num_samples(data.test),
         "num_dropped": run.num_dropped,
         "data_source": data.source,
-        "device": str(experiment.device),
-        **evaluate_run(experiment.task, run.theta, data, cfg.setting.task),
+        "device": str(setup.device),
+        **evaluate_run(setup.task, run.theta, data, cfg.setting.task),
         "selection_seconds": round(selection_seconds, 3),
         "total_seconds": round(time.perf_counter() - started, 3),
     }
@@ -110,35 +152,36 @@ def run_selection(cfg: DictConfig, run_dir: str | Path) -> dict:
     write_json(run_dir / "selection.json", summary)
     accuracy = summary["test_accuracy"]
     print(
-        f"select {method}: test loss {summary['test_loss']:.4f}"
+        f"select {setup.description}: test loss {summary['test_loss']:.4f}"
         + (f", test accuracy {accuracy:.4f}" if accuracy is not None else "")
         + f", {run.num_dropped} samples dropped"
     )
     return summary
 
 
-def _select_and_train(cfg, experiment: Experiment, data: SelectionData, batches, lrs) -> SelectionRun:
-    selection, task = cfg.selection, experiment.task
+def _select_and_train(setup: SelectionSetup) -> SelectionRun:
+    cfg, data, task = setup.config, setup.data, setup.task
+    selection = cfg.selection
     if selection.method in ("none", "offline"):
-        reference = reference_run(cfg, experiment, data, batches, lrs)
+        reference = reference_run(setup)
         if selection.method == "none":
             return SelectionRun(
-                theta=reference.final_parameters(experiment.device),
-                batches=batches,
-                kept=batches,
-                lrs=list(lrs),
-                dropped=torch.zeros(batches.indices.shape, dtype=torch.bool),
+                theta=reference.final_parameters(setup.device),
+                batches=setup.batches,
+                kept=setup.batches,
+                lrs=list(setup.lrs),
+                dropped=torch.zeros(setup.batches.indices.shape, dtype=torch.bool),
             )
         return train_offline(
-            task, data.train, data.validation, reference, selection.fraction, experiment.device, cfg.progress
+            task, data.train, data.validation, reference, selection.fraction, setup.device, cfg.progress
         )
     return train_online(
         task,
         data.train,
         data.validation,
-        batches,
-        lrs,
-        experiment.optimizer,
+        setup.batches,
+        setup.lrs,
+        setup.optimizer,
         selection.method,
         selection.fraction,
         selection.horizon,
@@ -147,8 +190,9 @@ def _select_and_train(cfg, experiment: Experiment, data: SelectionData, batches,
     )
 
 
-def reference_run(cfg, experiment: Experiment, data: SelectionData, batches, lrs) -> Trajectory:
+def reference_run(setup: SelectionSetup) -> Trajectory:
     """Load the cached reference run on the full training split, or train and record it."""
+    cfg = setup.config
     config = {**train_stage_config(cfg), "num_validation": cfg.selection.num_validation}
     stage = open_stage(cfg.cache_dir, "selection/reference", config)
     directory = stage.directory / "trajectory"
@@ -160,11 +204,11 @@ def reference_run(cfg, experiment: Experiment, data: SelectionData, batches, lrs
             log.warning("select: %s; training the reference run again", error)
     start = time.perf_counter()
     trajectory = train(
-        experiment.task,
-        data.train,
-        batches,
-        lrs,
-        experiment.optimizer,
+        setup.task,
+        setup.data.train,
+        setup.batches,
+        setup.lrs,
+        setup.optimizer,
         checkpoint_every=cfg.trajectory.checkpoint_every,
         progress=cfg.progress,
     )
