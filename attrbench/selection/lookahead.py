@@ -40,7 +40,7 @@ from attrbench.training.trajectory import Trajectory
 
 
 def adjoint_method(optimizer: OptimizerSpec) -> InfluenceMethod:
-    """The exact adjoint recurrence of the optimizer the run uses.
+    """Return the exact adjoint recurrence of the optimizer the run uses.
 
     Raises:
         ValueError: For an optimizer without one.

@@ -81,7 +81,7 @@ def train_online(
     Args:
         policy: ``lookahead`` (drop the lowest K-step look-ahead scores) or ``random``.
         fraction: Share of each batch to drop, in [0, 1).
-        horizon: K for ``lookahead``; ignored by ``random``.
+        horizon: K for ``lookahead``. The ``random`` policy ignores it.
         seed: Seed of the ``random`` policy's choices.
 
     Raises:
@@ -135,7 +135,7 @@ def train_online(
 
 
 def _take_step(task, train_data, torch_optimizer, theta, kept: torch.Tensor, lr: float, step: int) -> None:
-    """One real optimizer step on the mean loss of the ``kept`` samples (as :func:`train` takes it)."""
+    """Take one real optimizer step on the mean loss of the ``kept`` samples (as :func:`train` takes it)."""
     kept = kept.to(theta.device)
     weights = torch.ones(len(kept), dtype=theta.dtype, device=theta.device)
     with torch.no_grad():

@@ -48,7 +48,7 @@ def collect_results(root: str | Path) -> pd.DataFrame:
     sorts last by path, with a warning.
 
     Raises:
-        FileNotFoundError: If ``root`` holds no ``selection.json``.
+        FileNotFoundError: If ``root`` contains no ``selection.json``.
     """
     paths = sorted(Path(root).rglob("selection.json"))
     if not paths:
