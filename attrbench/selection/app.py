@@ -12,5 +12,5 @@ from attrbench.selection.runner import run_selection
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="select")
 def select_app(cfg: DictConfig) -> float:
-    """Run one selection job in the Hydra run directory; returns its final test loss."""
+    """Run one selection job in the Hydra run directory and return its final test loss."""
     return run_selection(cfg, HydraConfig.get().runtime.output_dir)["test_loss"]

@@ -23,7 +23,7 @@ class SelectionData:
     """Training, validation and test splits of a selection run.
 
     Attributes:
-        train: Samples the selection may drop; indices in schedules and scores refer to these.
+        train: Samples the selection may drop. Indices in schedules and scores refer to these.
         validation: Samples whose mean loss the look-ahead scores predict.
         test: Held-out samples for the final test loss and accuracy, never used by selection.
         validation_index: Positions of the validation samples in the loader's training split.

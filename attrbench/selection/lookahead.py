@@ -86,7 +86,7 @@ def sample_dots(task: Task, theta: torch.Tensor, batch: Batch, directions: torch
 def renormalized_delta(derivative: torch.Tensor) -> torch.Tensor:
     """First-order ``F(without z) - F`` for each z of one batch, given ``dF/dw`` ``[..., B]``.
 
-    Removing z and renormalising the mean raises every other weight by ``1 / (B - 1)``; a batch
+    Removing z and renormalising the mean raises every other weight by ``1 / (B - 1)``. A batch
     of one sample keeps the plain ``-dF/dw_z``.
     """
     size = derivative.shape[-1]
@@ -121,7 +121,7 @@ class LookaheadScorer:
     Args:
         task: The model and loss.
         train_data: Training samples the schedule indexes.
-        validation: Validation samples; F is their mean loss.
+        validation: Validation samples, whose mean loss is F.
         batches: The full batch schedule (steps after t are simulated with these batches).
         lrs: Learning rate of each step.
         optimizer: The run's optimizer; its adjoint is chosen by :func:`adjoint_method`.
@@ -150,7 +150,7 @@ class LookaheadScorer:
             state: Parameters and optimizer state after ``step - 1`` updates, as
                 :func:`attrbench.training.optim.read_state` returns them.
             step: The step t to score, 1..T.
-            horizon: K >= 0; the validation loss is taken after step ``min(t + K, T)``.
+            horizon: K >= 0. The validation loss is taken after step ``min(t + K, T)``.
         """
         num_steps = self.batches.num_steps
         if not 1 <= step <= num_steps:
@@ -189,7 +189,7 @@ class LookaheadScorer:
         return LookaheadScores(step, end, batch_index, derivative, renormalized_delta(derivative))
 
     def _simulate(self, state: dict[str, torch.Tensor], step: int, end: int) -> list:
-        """Run steps ``step..end`` from ``state`` with the real optimizer; one record per step."""
+        """Run steps ``step..end`` from ``state`` with the real optimizer, one record per step."""
         window = Trajectory(
             layout=self.task.layout,
             optimizer=self.optimizer,

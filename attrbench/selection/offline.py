@@ -46,7 +46,7 @@ def offline_scores(
 
 
 def lowest_scored(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` lowest scores, lowest first; ties keep the lower position first."""
+    """Positions of the ``count`` lowest scores, lowest first. Ties keep the lower position first."""
     if not 0 <= count <= len(scores):
         raise ValueError(f"cannot drop {count} of {len(scores)} scored samples")
     return torch.argsort(scores, stable=True)[:count]

@@ -42,7 +42,7 @@ METRICS = ("test_loss", "test_accuracy", "validation_loss")
 
 
 def collect_results(root: str | Path) -> pd.DataFrame:
-    """One row per ``selection.json`` under ``root``.
+    """Read every ``selection.json`` under ``root`` into one row each.
 
     A configuration and seed found twice (a rerun into the same directory) keeps the file that
     sorts last by path, with a warning.
@@ -189,7 +189,7 @@ def plot_loss_vs_horizon(table: pd.DataFrame, path: str | Path) -> None:
 
 
 def plot_best_horizon(best: pd.DataFrame, path: str | Path) -> None:
-    """Best horizon against learning rate (log x, symlog y); offline is drawn at K = T."""
+    """Best horizon against learning rate (log x, symlog y). Offline is drawn at K = T."""
     figure, axis = plt.subplots(figsize=(4.6, 3.4))
     for fraction, rows in best.groupby("fraction", sort=True):
         rows = rows.sort_values("lr")

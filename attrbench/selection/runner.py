@@ -87,6 +87,8 @@ def build_selection(cfg: DictConfig) -> SelectionSetup:
     split, and the batch schedule shuffles what remains. Leave-one-out samples are not drawn,
     so ``groundtruth`` settings do not constrain a selection run.
     """
+    # NOTE: selection runs were tested on the CPU only. The device=cuda path moves tensors the way
+    # training does but has not been run.
     validate_config(cfg)
     validate_selection(cfg)
     configure_torch(cfg.deterministic)
