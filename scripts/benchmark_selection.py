@@ -14,7 +14,8 @@ that is the compute the run needs). Each method alternates with a plain training
 ``--repeats`` times, and the ratio is taken between the two minimum times. Prints one row per
 method. Example:
 
-    OMP_NUM_THREADS=1 python scripts/benchmark_selection.py --horizons 0 1 2 4 8 16 --repeats 3 optimizer.lr=1e-3
+    OMP_NUM_THREADS=1 python scripts/benchmark_selection.py --horizons 0 1 2 4 8 16 --repeats 3 \\
+        train.epochs=2 optimizer.lr=1e-2
 """
 
 from __future__ import annotations

@@ -27,8 +27,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call
 
-from attrbench.experiment import LOSSES, configure_torch, derive_seed, resolve_device, validate_config
-from attrbench.io import save_tensors, write_json, write_text
+from attrbench.experiment import (
+    LOSSES,
+    build_model,
+    configure_torch,
+    derive_seed,
+    resolve_device,
+    validate_config,
+)
+from attrbench.io import save_tensors, sha256, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
 from attrbench.selection.offline import train_offline
@@ -95,7 +102,7 @@ def build_selection(cfg: DictConfig) -> SelectionSetup:
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     loaded = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
     torch.manual_seed(derive_seed(cfg.seed, "init"))
-    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    model = build_model(cfg.model, loaded).to(device=device, dtype=dtype)
     task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
 
     data = split_validation(loaded, cfg.selection.num_validation, derive_seed(cfg.seed, "validation"))
@@ -198,24 +205,29 @@ def reference_run(setup: SelectionSetup) -> Trajectory:
     config = {**train_stage_config(cfg), "num_validation": cfg.selection.num_validation}
     stage = open_stage(cfg.cache_dir, "selection/reference", config)
     directory = stage.directory / "trajectory"
-    if stage.is_complete():
-        try:
-            log.info("select: reusing the reference run in %s", directory)
-            return Trajectory.load(directory)
-        except CorruptTrajectoryError as error:
-            log.warning("select: %s; training the reference run again", error)
-    start = time.perf_counter()
-    trajectory = train(
-        setup.task,
-        setup.data.train,
-        setup.batches,
-        setup.lrs,
-        setup.optimizer,
-        checkpoint_every=cfg.trajectory.checkpoint_every,
-        progress=cfg.progress,
-    )
-    trajectory.save(directory)
-    stage.complete({}, time.perf_counter() - start, {"num_steps": trajectory.num_steps})
+    # The lock keeps concurrent jobs of a sweep (none and offline) from training it twice.
+    with stage.lock():
+        if stage.is_complete():
+            try:
+                log.info("select: reusing the reference run in %s", directory)
+                return Trajectory.load(directory)
+            except CorruptTrajectoryError as error:
+                log.warning("select: %s; training the reference run again", error)
+        stage.begin()
+        trajectory = train(
+            setup.task,
+            setup.data.train,
+            setup.batches,
+            setup.lrs,
+            setup.optimizer,
+            checkpoint_every=cfg.trajectory.checkpoint_every,
+            progress=cfg.progress,
+        )
+        trajectory.save(directory)
+        stage.complete(
+            {"trajectory/manifest.json": sha256(directory / "manifest.json")},
+            {"num_steps": trajectory.num_steps},
+        )
     return Trajectory.load(directory)
 
 
