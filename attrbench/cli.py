@@ -15,6 +15,11 @@ commands:
                     Spearman table (a Hydra app: `attrbench run --help`, `attrbench run -m ...`)
   merge PATH...     check and merge one run's ground-truth shard files, found under the
                     given directories, into groundtruth.safetensors (`attrbench merge --help`)
+  select [overrides]
+                    train with data selection (none, random, lookahead with horizon K,
+                    offline) and report the final test loss and accuracy (a Hydra app)
+  select-report DIR [--output OUT]
+                    aggregate the selection runs under DIR into a table and figures
 """
 
 
@@ -34,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         from attrbench.merge import merge_command
 
         return merge_command(rest)
+    if command == "select":
+        from attrbench.selection.app import select_app
+
+        sys.argv = ["attrbench select", *rest]
+        select_app()
+        return 0
+    if command == "select-report":
+        from attrbench.selection.report import main as select_report
+
+        return select_report(rest)
     print(f"attrbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

