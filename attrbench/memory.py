@@ -4,9 +4,9 @@ The plan lists the large buffers of each stage on the run's device (P parameters
 value of the run's dtype):
 
 * The whole run keeps the model's parameters and the data splits.
-* Training keeps every stored checkpoint, ``(1 + optimizer slots) x P x b`` each, in memory
-  until the trajectory is saved. It also needs the step's parameters, gradient and optimizer
-  state, and the activations of one micro-batch.
+* Training writes each stored checkpoint to disk as soon as it is taken, so it holds one copy,
+  ``(1 + optimizer slots) x P x b``, at a time. It also needs the step's parameters, gradient
+  and optimizer state, and the activations of one micro-batch.
 * Ground truth trains ``groundtruth.chunk_size + 1`` stacked models, each with parameters,
   gradient and optimizer state, and needs their activations.
 * Influence replays one segment of ``trajectory.checkpoint_every`` steps. It keeps the adjoint
@@ -279,10 +279,7 @@ def plan_items(sizes: RunSizes) -> list[PlanItem]:
         PlanItem("run", "data", s.data_bytes, f"{s.num_train:,} train + {s.num_test:,} test samples"),
     ]
     items += [
-        PlanItem("train", "stored checkpoints (held until saved)",
-                 s.stored_checkpoints * state_vectors * vector,
-                 f"{_count(s.stored_checkpoints, 'checkpoint')} x {state_vectors} x {p}",
-                 ("trajectory.checkpoint_every",)),
+        PlanItem("train", "checkpoint copy being written", state_vectors * vector, f"{state_vectors} x {p}"),
         PlanItem("train", "parameters, gradient, optimizer state", step_vectors * vector,
                  f"{step_vectors} x {p}"),
         PlanItem("train", "activations (estimate)", s.micro_batch * working, micro,

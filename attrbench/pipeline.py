@@ -120,15 +120,15 @@ def train_stage_for(experiment: Experiment, stages: dict[str, Stage]) -> Traject
         micro_batch_size = cfg.train.micro_batch_size or cfg.train.batch_size
         advice = ("Lower train.micro_batch_size to split every batch into smaller pieces "
                   f"(now {cfg.train.micro_batch_size}), for example train.micro_batch_size={max(1, micro_batch_size // 2)}.")
+        storage = DTYPES[cfg.trajectory.storage_dtype] if cfg.trajectory.storage_dtype else None
         with suggest_on_out_of_memory("training", advice):
             trajectory = train(
                 experiment.task, experiment.data.train, experiment.batches, experiment.lrs, experiment.optimizer,
                 checkpoint_every=cfg.trajectory.checkpoint_every, progress=cfg.progress,
+                directory=directory, storage_dtype=storage,
             )
             final_losses = experiment.task.evaluate_losses(trajectory.final_parameters(experiment.device),
                                                            experiment.data.test)
-        storage = DTYPES[cfg.trajectory.storage_dtype] if cfg.trajectory.storage_dtype else None
-        trajectory.save(directory, storage_dtype=storage)
         stage.complete({"trajectory/manifest.json": sha256(directory / "manifest.json")},
                        {"num_steps": trajectory.num_steps, "final_test_loss": float(final_losses.mean())})
         stage.status = "computed"

@@ -58,7 +58,7 @@ def test_plan_sizes(experiment):
     stored = len(checkpoint_steps(steps, 3))
 
     # AdamW keeps two moments, so a checkpoint is 3 parameter vectors of 8-byte float64 values.
-    assert item(plan, "stored checkpoints (held until saved)").nbytes == stored * 3 * params * 8
+    assert item(plan, "checkpoint copy being written").nbytes == 3 * params * 8
     assert plan.disk_bytes == stored * 3 * params * 8
     assert item(plan, "adjoint state").nbytes == 3 * 8 * params * 8
     assert item(plan, "ground-truth models").nbytes == (5 + 1) * 4 * params * 8

@@ -58,3 +58,19 @@ def test_truncated_checkpoint_is_detected(tiny_problem, tmp_path):
 def test_missing_manifest_is_reported(tmp_path):
     with pytest.raises(CorruptTrajectoryError, match="manifest.json is missing"):
         Trajectory.load(tmp_path)
+
+
+def test_streamed_checkpoints_equal_saved_ones(tiny_problem, tmp_path):
+    task, train_data, _, batches, lrs, optimizer = tiny_problem
+    in_memory = train(task, train_data, batches, lrs, optimizer, checkpoint_every=4, progress=False)
+    in_memory.save(tmp_path / "saved")
+    streamed = train(task, train_data, batches, lrs, optimizer, checkpoint_every=4, progress=False,
+                     directory=tmp_path / "streamed")
+
+    assert streamed.states == {}
+    saved = Trajectory.load(tmp_path / "saved")
+    for step in saved.checkpoint_steps:
+        for key, value in saved.state(step).items():
+            assert torch.equal(streamed.state(step)[key], value), (step, key)
+    manifest = (tmp_path / "streamed" / "manifest.json").read_text()
+    assert manifest == (tmp_path / "saved" / "manifest.json").read_text()

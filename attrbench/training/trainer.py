@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from attrbench.tasks import Batch, Task, select
 from attrbench.training.optim import OptimizerSpec, load_state, optimizer_step, read_state
 from attrbench.training.schedule import BatchSchedule
-from attrbench.training.trajectory import Trajectory
+from attrbench.training.trajectory import Trajectory, TrajectoryWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,16 @@ def train(
     optimizer: OptimizerSpec,
     checkpoint_every: int = 1,
     progress: bool = True,
+    directory: str | Path | None = None,
+    storage_dtype: torch.dtype | None = None,
 ) -> Trajectory:
-    """Train from the task's initialization and record the trajectory in memory."""
+    """Train from the task's initialization and record the trajectory.
+
+    Args:
+        directory: If given, each checkpoint is written there as soon as it is taken (cast to
+            ``storage_dtype``) and none is kept in memory; the returned trajectory reads them
+            back from disk. Otherwise all checkpoints stay in memory.
+    """
     if len(lrs) != batches.num_steps:
         raise ValueError(f"{len(lrs)} learning rates for {batches.num_steps} steps")
     theta = task.initial_parameters().requires_grad_(True)
@@ -66,12 +75,23 @@ def train(
         checkpoint_every=checkpoint_every,
         dtype=theta.dtype,
     )
+    writer = TrajectoryWriter(directory, storage_dtype or theta.dtype) if directory is not None else None
+
+    def record(step: int) -> None:
+        state = read_state(torch_optimizer, theta)
+        if writer is None:
+            trajectory.states[step] = state
+        else:
+            writer.write_checkpoint(step, state)
+
     keep = set(trajectory.checkpoint_steps)
-    trajectory.states[0] = read_state(torch_optimizer, theta)
+    record(0)
     for step in tqdm(range(1, batches.num_steps + 1), desc="train", disable=not progress, leave=False):
         _step(task, train_data, batches, lrs, torch_optimizer, theta, step)
         if step in keep:
-            trajectory.states[step] = read_state(torch_optimizer, theta)
+            record(step)
+    if writer is not None:
+        writer.finish(trajectory)
     return trajectory
 
 

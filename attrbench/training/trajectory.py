@@ -101,30 +101,10 @@ class Trajectory:
 
     def save(self, directory: str | Path, storage_dtype: torch.dtype | None = None) -> None:
         """Write the trajectory (see the module docstring); ``storage_dtype`` casts the checkpoints."""
-        directory = Path(directory)
-        storage_dtype = storage_dtype or self.storage_dtype or self.dtype
-        checksums = {"batches.safetensors": save_tensors(
-            directory / "batches.safetensors", {"indices": self.batches.indices, "sizes": self.batches.sizes}
-        )}
+        writer = TrajectoryWriter(directory, storage_dtype or self.storage_dtype or self.dtype)
         for step in self.checkpoint_steps:
-            tensors = {key: _to_storage(value, storage_dtype) for key, value in self.state(step).items()}
-            checksums[checkpoint_file(step)] = save_tensors(
-                directory / checkpoint_file(step), tensors, metadata={"step": str(step)}
-            )
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "num_steps": self.num_steps,
-            "lrs": self.lrs,
-            "checkpoint_every": self.checkpoint_every,
-            "checkpoint_steps": self.checkpoint_steps,
-            "dtype": dtype_name(self.dtype),
-            "storage_dtype": dtype_name(storage_dtype),
-            "optimizer": self.optimizer.to_json(),
-            "layout": self.layout.to_json(),
-            "files": checksums,
-        }
-        write_json(directory / "manifest.json", manifest)
-        self.directory, self.storage_dtype, self._checksums = directory, storage_dtype, checksums
+            writer.write_checkpoint(step, self.state(step))
+        writer.finish(self)
 
     @classmethod
     def load(cls, directory: str | Path, verify: bool = True) -> Trajectory:
@@ -158,6 +138,50 @@ class Trajectory:
             storage_dtype=DTYPES[manifest["storage_dtype"]],
             _checksums=checksums,
         )
+
+
+class TrajectoryWriter:
+    """Write a trajectory's checkpoints one at a time, then its batches and manifest.
+
+    Training streams each checkpoint to disk as soon as it exists, so memory holds none of them.
+    The manifest is written last: a directory without ``manifest.json`` is an unfinished write.
+    """
+
+    def __init__(self, directory: str | Path, storage_dtype: torch.dtype):
+        self.directory = Path(directory)
+        self.storage_dtype = storage_dtype
+        self.checksums: dict[str, str] = {}
+        (self.directory / "manifest.json").unlink(missing_ok=True)
+
+    def write_checkpoint(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        tensors = {key: _to_storage(value, self.storage_dtype) for key, value in state.items()}
+        name = checkpoint_file(step)
+        self.checksums[name] = save_tensors(self.directory / name, tensors, metadata={"step": str(step)})
+
+    def finish(self, trajectory: Trajectory) -> None:
+        """Write the batches and the manifest, and point ``trajectory`` at the files."""
+        missing = [step for step in trajectory.checkpoint_steps if checkpoint_file(step) not in self.checksums]
+        if missing:
+            raise ValueError(f"trajectory checkpoints for steps {missing} were never written")
+        batches = trajectory.batches
+        self.checksums["batches.safetensors"] = save_tensors(
+            self.directory / "batches.safetensors", {"indices": batches.indices, "sizes": batches.sizes}
+        )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "num_steps": trajectory.num_steps,
+            "lrs": trajectory.lrs,
+            "checkpoint_every": trajectory.checkpoint_every,
+            "checkpoint_steps": trajectory.checkpoint_steps,
+            "dtype": dtype_name(trajectory.dtype),
+            "storage_dtype": dtype_name(self.storage_dtype),
+            "optimizer": trajectory.optimizer.to_json(),
+            "layout": trajectory.layout.to_json(),
+            "files": self.checksums,
+        }
+        write_json(self.directory / "manifest.json", manifest)
+        trajectory.directory, trajectory.storage_dtype = self.directory, self.storage_dtype
+        trajectory._checksums = dict(self.checksums)
 
 
 def _verify_files(directory: Path, checksums: dict[str, str]) -> None:
