@@ -34,7 +34,7 @@ from attrbench.influence import InfluenceScores, build_method, compute_influence
 from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_text
 from attrbench.memory import check_memory
 from attrbench.stages import Stage, config_key, copy_file, open_stage, suggest_on_out_of_memory
-from attrbench.tasks import select
+from attrbench.tasks import Batch, fingerprint, select
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
 
@@ -88,11 +88,19 @@ def _timed(timings: dict, name: str, function, *args):
     return result
 
 
-def train_stage_config(cfg: DictConfig) -> dict:
+def train_stage_config(cfg: DictConfig, *datasets: Batch) -> dict:
+    """Build the configuration that determines a recorded trajectory.
+
+    The SHA-256 of ``datasets`` joins the config, so a data source that changes under the same
+    config (another CPython's bundled documentation, MNIST files appearing under ``data.root``)
+    trains again instead of reusing a stale trajectory.
+    """
     keys = ("data", "model", "optimizer", "schedule", "train", "seed", "dtype", "trajectory")
     config = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
               for key in keys}
     config["task"] = cfg.setting.task
+    if datasets:
+        config["data_sha256"] = fingerprint(*datasets)
     return config
 
 
@@ -104,7 +112,9 @@ def trajectory_sha256(trajectory: Trajectory) -> str:
 def train_stage_for(experiment: Experiment, stages: dict[str, Stage]) -> Trajectory:
     """Load the recorded trajectory for this config, or train and record it (one job at a time)."""
     cfg = experiment.config
-    stage = stages["train"] = open_stage(cfg.cache_dir, "train", train_stage_config(cfg))
+    stage = stages["train"] = open_stage(
+        cfg.cache_dir, "train", train_stage_config(cfg, experiment.data.train, experiment.data.test)
+    )
     directory = stage.directory / "trajectory"
     with stage.lock():
         if stage.is_complete():

@@ -12,6 +12,7 @@ derivatives with respect to a sample's weight change ``w``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,17 @@ PerSampleLoss = Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tens
 def select(data: Batch, index: torch.Tensor) -> Batch:
     """Return the rows ``index`` of every tensor in ``data``."""
     return {key: value[index] for key, value in data.items()}
+
+
+def fingerprint(*datasets: Batch) -> str:
+    """SHA-256 of the datasets' tensors (keys, dtypes, shapes and values), in order."""
+    digest = hashlib.sha256()
+    for data in datasets:
+        for key in sorted(data):
+            value = data[key].detach().contiguous().cpu()
+            digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def num_samples(data: Batch) -> int:

@@ -178,5 +178,6 @@ def _check_finite(losses: torch.Tensor, weights: torch.Tensor, step: int, remove
     row = int((~finite).nonzero()[0])
     which = "the unmodified run" if row == 0 else f"the run without training sample {int(removed[row - 1])}"
     raise GroundTruthDivergedError(
-        f"training loss is not finite at step {step} in {which}; lower optimizer.lr or use dtype=float64"
+        f"training loss is not finite at step {step} in {which}. Lower optimizer.lr, use dtype=float64, "
+        "or, if the trajectory is stored in a narrower dtype than training, set trajectory.storage_dtype=null"
     )

@@ -202,7 +202,9 @@ def _select_and_train(setup: SelectionSetup) -> SelectionRun:
 def reference_run(setup: SelectionSetup) -> Trajectory:
     """Load the cached reference run on the full training split, or train and record it."""
     cfg = setup.config
-    config = {**train_stage_config(cfg), "num_validation": cfg.selection.num_validation}
+    data = setup.data
+    config = {**train_stage_config(cfg, data.train, data.validation, data.test),
+              "num_validation": cfg.selection.num_validation}
     stage = open_stage(cfg.cache_dir, "selection/reference", config)
     directory = stage.directory / "trajectory"
     # The lock keeps concurrent jobs of a sweep (none and offline) from training it twice.
