@@ -250,6 +250,16 @@ def test_corrupt_summary_listed_incomplete(tmp_path):
     assert "summary.json is not valid JSON" in problems["message"].iloc[0]
 
 
+def test_empty_run_table_listed_incomplete(tmp_path):
+    run = make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4)
+    (run / "spearman.csv").write_text("")
+
+    problems = build_report(tmp_path).problems
+
+    assert problems["status"].tolist() == ["incomplete"]
+    assert "spearman.csv is unreadable" in problems["message"].iloc[0]
+
+
 def test_natural_order_of_sweep_jobs(tmp_path):
     for number in (10, 9, 2):
         make_run(tmp_path / str(number), lr=1e-3, seed=number, sgd=0.2, adamw=0.4)

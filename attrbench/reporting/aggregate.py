@@ -15,15 +15,14 @@ import pandas as pd
 BASELINE_METHOD = "sgd_influence"
 IMPROVED_METHOD = "adamw_influence"
 
-LEADING_COLUMNS = ["setting", "variant", "optimizer"]
 RESULT_COLUMNS = ["method", "spearman_mean", "spearman_std", "num_seeds", "seeds", "missing_seeds",
                   "relative_improvement"]
 
 
 def experiment_columns(columns: Iterable[str]) -> list[str]:
-    """The columns that name one experiment family in a runs or report table: ``setting`` up to ``lr``.
+    """Return the columns that name an experiment family in a runs or report table.
 
-    They are ``setting``, ``variant``, ``optimizer`` and any distinguishing config keys.
+    They run from ``setting`` up to, not including, ``lr``: ``setting``, ``variant``, ``optimizer`` and any distinguishing config keys.
     """
     columns = list(columns)
     return columns[columns.index("setting"):columns.index("lr")]
@@ -109,7 +108,7 @@ def _sort(table: pd.DataFrame, keys: list[str], method_order: list[str]) -> pd.D
 
 
 def _sortable(column: pd.Series) -> pd.Series:
-    """Numbers sort as numbers; text and mixed config values sort as text, so mixed types never fail."""
+    """Sort numbers as numbers and anything else as text, so a column of mixed types still sorts."""
     if pd.api.types.is_numeric_dtype(column):
         return column
     return column.astype(str)

@@ -29,9 +29,9 @@ HYDRA_DIR = ".hydra"
 
 COMPLETE, FAILED, INCOMPLETE, DUPLICATE = "complete", "failed", "incomplete", "duplicate"
 
-# Config keys that never separate two experiments: the seed is what the table averages over, the
-# learning rate and setting name have their own columns, the data source is read from summary.json
-# (where "auto" is already resolved), and the rest only change how a run executes, not its results.
+# Config keys that never separate two experiments. The table averages over the seed, and the
+# learning rate and setting name have their own columns. The data source comes from summary.json,
+# where "auto" is already resolved. The other keys change how a run executes, not its results.
 IGNORED_KEYS = frozenset({
     "seed", "optimizer.lr", "setting.name", "data.source", "data.root", "data.download",
     "cache_dir", "progress", "device", "deterministic", "influence.methods", "influence.query_chunk_size",
@@ -120,7 +120,11 @@ def read_run(directory: Path) -> RunRecord:
     if not table_path.exists():
         record.message = "summary.json exists but spearman.csv is missing"
         return record
-    table = pd.read_csv(table_path)
+    try:
+        table = pd.read_csv(table_path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        record.message = f"spearman.csv is unreadable: {error}"
+        return record
     missing = {"method", "spearman_mean"} - set(table.columns)
     if missing:
         record.message = f"spearman.csv lacks the columns {', '.join(sorted(missing))}"
@@ -145,7 +149,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _read_config(directory: Path) -> dict:
-    """The run's flattened config: the resolved ``config.yaml``, else Hydra's composed one."""
+    """Read the run's flattened config: the resolved ``config.yaml``, else Hydra's composed one."""
     for path in (directory / CONFIG_FILE, directory / HYDRA_DIR / CONFIG_FILE):
         if path.exists():
             try:
@@ -268,7 +272,7 @@ def runs_frame(records: list[RunRecord], extra_keys: list[str]) -> pd.DataFrame:
 
 
 def problems_frame(records: list[RunRecord]) -> pd.DataFrame:
-    """One row per run that is not counted: failed, incomplete or a duplicate."""
+    """List the runs that are not counted (failed, incomplete or duplicate), one row each."""
     rows = [
         {
             "run_dir": str(record.directory),

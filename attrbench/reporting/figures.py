@@ -65,7 +65,7 @@ def draw_figures(report_dir: str | Path, figure_dir: str | Path) -> list[Path]:
 
 
 def _draw_scatters(scatter_path: Path, figure_dir: Path) -> list[Path]:
-    """One scatter figure per run in ``scatter.csv``."""
+    """Draw one scatter figure per run in ``scatter.csv``."""
     scatter = pd.read_csv(scatter_path) if scatter_path.is_file() else pd.DataFrame()
     if scatter.empty:
         log.warning("%s is missing or empty; no scatter figure drawn", scatter_path)
@@ -102,7 +102,7 @@ def _slug(label: str) -> str:
 
 
 def plot_spearman_vs_lr(table: pd.DataFrame) -> plt.Figure:
-    """One panel per experiment family: mean Spearman against learning rate, a line per method."""
+    """Plot mean Spearman against learning rate: one panel per experiment family, a line per method."""
     families = list(_families(table))
     columns = min(PANEL_COLUMNS, len(families))
     rows = math.ceil(len(families) / columns)
@@ -125,7 +125,11 @@ def plot_spearman_vs_lr(table: pd.DataFrame) -> plt.Figure:
 
 
 def plot_improvement(table: pd.DataFrame) -> plt.Figure | None:
-    """AdamW-influence's relative improvement over SGD-influence in percent, a line per family."""
+    """Plot AdamW-influence's relative improvement over SGD-influence in percent, a line per family.
+
+    Returns:
+        The figure, or None when no experiment has both methods.
+    """
     rows = table[(table["method"] == IMPROVED_METHOD) & table["relative_improvement"].notna()]
     if rows.empty:
         return None
@@ -145,7 +149,7 @@ def plot_improvement(table: pd.DataFrame) -> plt.Figure | None:
 
 
 def plot_scatter(frame: pd.DataFrame) -> plt.Figure:
-    """Predicted against true leave-one-out effect for one run's test point, a color per method."""
+    """Plot predicted against true leave-one-out effect for one run's test point, a color per method."""
     first = frame.iloc[0]
     figure, axis = plt.subplots(figsize=(4.6, 4.0))
     for method, points in frame.groupby("method", sort=False):

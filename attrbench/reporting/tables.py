@@ -59,8 +59,8 @@ def build_report(root: str | Path, test_point: int = 0, scatter_runs: list[str] 
         root: A run directory, a sweep directory or any directory above them.
         test_point: The test point whose effects ``scatter.csv`` stores.
         scatter_runs: Run directories (relative to ``root`` or absolute) to take the scatter data
-            from; by default, each experiment family's run with the largest learning rate and
-            the smallest seed that saved its tensors.
+            from. By default each experiment family contributes one run: among those that saved
+            their tensors, the one with the largest learning rate, then the smallest seed.
 
     Raises:
         FileNotFoundError: When ``root`` holds no run directory.
@@ -178,7 +178,7 @@ def write_report(report: Report, directory: str | Path) -> None:
 
 
 def format_report(report: Report) -> str:
-    """The Markdown report: counts, the table over seeds and the runs that were not counted."""
+    """Format the Markdown report: run counts, the table over seeds and the runs not counted."""
     counts = report.status_counts
     lines = [
         f"# attrbench report: {report.root}",
@@ -197,23 +197,23 @@ def format_report(report: Report) -> str:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The seed-averaged table as Markdown, with readable learning rates and percentages."""
-    shown = table.copy()
-    shown["lr"] = [f"{lr:g}" for lr in shown["lr"]]
-    shown["relative_improvement"] = [
-        "" if pd.isna(value) else f"{100 * value:+.1f}%" for value in shown["relative_improvement"]
+    """Format the seed-averaged table as Markdown, with readable learning rates and percentages."""
+    display = table.copy()
+    display["lr"] = [f"{lr:g}" for lr in display["lr"]]
+    display["relative_improvement"] = [
+        "" if pd.isna(value) else f"{100 * value:+.1f}%" for value in display["relative_improvement"]
     ]
-    if (shown["missing_seeds"].fillna("") == "").all():
-        shown = shown.drop(columns=["missing_seeds"])
-    shown = shown.rename(columns={
+    if (display["missing_seeds"].fillna("") == "").all():
+        display = display.drop(columns=["missing_seeds"])
+    display = display.rename(columns={
         "spearman_mean": "Spearman", "spearman_std": "std", "num_seeds": "n",
         "relative_improvement": "AdamW vs SGD",
     })
-    return _markdown(shown, float_format="{:.4f}")
+    return _markdown(display, float_format="{:.4f}")
 
 
 def _markdown(frame: pd.DataFrame, float_format: str = "{:g}") -> str:
-    """Markdown with every cell formatted here: floats by ``float_format``, missing values blank.
+    """Format ``frame`` as Markdown with floats by ``float_format`` and missing values blank.
 
     tabulate's own number parsing would turn a seed list such as "0" into a number and print NaN
     as "nan", so it is switched off and numbers are right-aligned explicitly.
