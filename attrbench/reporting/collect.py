@@ -84,7 +84,7 @@ def _run_directories(root: Path) -> list[Path]:
             found.append(current)
             subdirectories.clear()
         else:
-            # Hidden folders hold caches and Hydra metadata, never runs.
+            # Hidden folders contain caches and Hydra metadata, never runs.
             subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
     return found
 

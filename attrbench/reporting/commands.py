@@ -15,7 +15,7 @@ FIGURE_SUBDIR = "figures"
 
 
 def report_main(argv: list[str]) -> int:
-    """``attrbench report DIR``: write the tables and figures, print the table; returns the exit status."""
+    """Run ``attrbench report DIR``: write the tables and figures, print the report, return the exit status."""
     parser = argparse.ArgumentParser(
         prog="attrbench report",
         description="Gather every run under DIR (single runs and sweeps, any setting) into one table "
@@ -24,7 +24,7 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("directory", type=Path, metavar="DIR", help="a run, a sweep, or a directory above them")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help=f"directory for the tables and figures (default: DIR/{REPORT_SUBDIR})")
-    parser.add_argument("--test-point", type=int, default=0,
+    parser.add_argument("--test-point", type=int, default=0, metavar="N",
                         help="test point shown in the predicted-vs-true scatter (default: 0)")
     parser.add_argument("--scatter-run", action="append", default=None, metavar="RUN",
                         help="run directory, relative to DIR, to draw the scatter from; repeatable "
@@ -51,17 +51,17 @@ def report_main(argv: list[str]) -> int:
 
 
 def figures_main(argv: list[str]) -> int:
-    """``attrbench figures DIR``: redraw the figures from saved report tables; returns the exit status."""
+    """Run ``attrbench figures DIR``: redraw the figures from saved report tables, return the exit status."""
     parser = argparse.ArgumentParser(
         prog="attrbench figures",
         description="Redraw every report figure (PNG and PDF) from the tables that `attrbench report` "
         "saved, without reading any run or model.",
     )
     parser.add_argument("directory", type=Path, metavar="DIR",
-                        help=f"the directory given to `attrbench report`, or its report directory "
-                        f"(default DIR/{REPORT_SUBDIR})")
+                        help=f"the directory given to `attrbench report` (its {REPORT_SUBDIR}/ "
+                        "subdirectory is read), or the report directory itself")
     parser.add_argument("-o", "--output", type=Path, default=None,
-                        help=f"directory for the figures (default: REPORT/{FIGURE_SUBDIR})")
+                        help=f"directory for the figures (default: {FIGURE_SUBDIR}/ in the report directory)")
     arguments = parser.parse_args(argv)
     _configure_logging()
 

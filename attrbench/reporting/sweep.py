@@ -60,7 +60,7 @@ def record_failure(run_dir: str | Path, overrides: list[str], *, continue_on_err
         })
         if not continue_on_error:
             raise
-        log.exception("job failed (%s) with overrides: %s; details in %s; the sweep goes on",
+        log.exception("job failed (%s) with overrides: %s. Details are in %s, and the sweep continues.",
                       type(error).__name__, " ".join(overrides), failed_path)
 
 
@@ -90,12 +90,12 @@ class SweepStatusCallback(Callback):
             return
         lines = "".join(f"\n  {record.directory}: {record.status}: {record.message}" for record in problems)
         log.error(
-            "sweep finished: %d of %d jobs did not finish:%s\nThe other jobs' results are complete. "
-            "Rerun a failed job with the overrides in its %s; `attrbench report %s` makes the table.",
+            "sweep finished: %d of %d jobs did not finish:%s\nRerun a failed job with the overrides in its %s. "
+            "`attrbench report %s` tabulates the finished jobs.",
             len(problems), len(records), lines, FAILED_FILE, sweep_dir,
         )
 
 
 def sweep_exit_status() -> int:
-    """1 when the last sweep in this process left a failed or incomplete job, else 0."""
+    """Return 1 when the last sweep in this process left a failed or incomplete job, else 0."""
     return 1 if FAILED_JOBS else 0
