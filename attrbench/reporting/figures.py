@@ -6,7 +6,7 @@
 - ``improvement``: AdamW-influence's relative improvement over SGD-influence against the
   learning rate, one line per experiment family.
 - ``scatter_<family>_lr<lr>_seed<seed>``: predicted against true leave-one-out effect of one
-  test point, a color per method, one figure per run in ``scatter.csv``.
+  test point, a panel per method, one figure per run in ``scatter.csv``.
 
 Only ``spearman.csv`` and ``scatter.csv`` are read, so redrawing takes about a second.
 """
@@ -149,25 +149,30 @@ def plot_improvement(table: pd.DataFrame) -> plt.Figure | None:
 
 
 def plot_scatter(frame: pd.DataFrame) -> plt.Figure:
-    """Plot predicted against true leave-one-out effect for one run's test point, a color per method."""
+    """Plot predicted against true leave-one-out effect for one run's test point, a panel per method.
+
+    Each panel has its own y scale, because the methods' predictions can differ in magnitude by
+    orders while their ranks (all that Spearman compares) are close.
+    """
     first = frame.iloc[0]
-    figure, axis = plt.subplots(figsize=(4.6, 4.0))
-    for method, points in frame.groupby("method", sort=False):
+    methods = list(dict.fromkeys(frame["method"]))
+    figure, axes = plt.subplots(1, len(methods), figsize=(3.8 * len(methods), 3.6), squeeze=False, sharex=True)
+    limit = np.abs(frame["true_delta"]).max()
+    for axis, method, color in zip(axes[0], methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        points = frame[frame["method"] == method]
         # Pearson correlation of average ranks is Spearman's; pandas' method="spearman" would import scipy.
         spearman = points["predicted_delta"].rank().corr(points["true_delta"].rank())
-        axis.scatter(points["true_delta"], points["predicted_delta"], s=9, alpha=0.6,
-                     label=f"{method} (Spearman {spearman:.3f})")
-    limit = np.abs(frame["true_delta"]).max()
+        axis.scatter(points["true_delta"], points["predicted_delta"], s=9, alpha=0.6, color=color)
+        axis.axhline(0, color="0.8", lw=0.8)
+        axis.axvline(0, color="0.8", lw=0.8)
+        axis.ticklabel_format(style="sci", scilimits=(-2, 3))
+        axis.set_title(f"{method} (Spearman {spearman:.3f})", fontsize=9)
+        axis.set_xlabel("true delta (leave-one-out)")
+        axis.set_ylabel("predicted delta")
     if limit > 0:
-        axis.set_xlim(-1.1 * limit, 1.1 * limit)
-    axis.axhline(0, color="0.8", lw=0.8)
-    axis.axvline(0, color="0.8", lw=0.8)
-    axis.ticklabel_format(style="sci", scilimits=(-2, 3))
-    axis.set_xlabel("true delta (leave-one-out)")
-    axis.set_ylabel("predicted delta")
-    axis.set_title(f"{_family_label(first)}\nlr {first['lr']:g}, seed {first['seed']}, test point {first['test_point']}",
-                   fontsize=9)
-    axis.legend(fontsize=7)
+        axes[0][0].set_xlim(-1.1 * limit, 1.1 * limit)
+    figure.suptitle(f"{_family_label(first)}: lr {first['lr']:g}, seed {first['seed']}, "
+                    f"test point {first['test_point']}", fontsize=10)
     figure.tight_layout()
     return figure
 
