@@ -155,7 +155,8 @@ def test_failed_and_incomplete_runs_listed(sweep_tree):
     assert problems.loc["5", "overrides"] == "optimizer.lr=1e-4 seed=2"
     assert problems.loc["6", "status"] == "incomplete"
     assert problems.loc["6", "seed"] == 3
-    assert report.status_counts == {"complete": 5, "failed": 1, "incomplete": 1, "duplicate": 0}
+    assert report.status_counts == {"complete": 5, "failed": 1, "incomplete": 1, "duplicate": 0,
+                                    "waiting_for_shards": 0, "selection": 0}
     markdown = format_report(report)
     assert "## Runs not counted" in markdown
     assert "RuntimeError: out of memory" in markdown
@@ -238,6 +239,50 @@ def test_duplicate_run_counted_once(tmp_path):
     assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
     assert report.problems["status"].tolist() == ["duplicate"]
     assert report.problems["run_dir"].tolist() == [os.path.join("old", "0")]
+
+
+def test_shard_and_selection_jobs_listed(tmp_path):
+    make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4,
+             config={"groundtruth.num_shards": 2, "groundtruth.shard": 1})
+    waiting = tmp_path / "1"
+    (waiting / ".hydra").mkdir(parents=True)
+    (waiting / "summary.json").write_text(json.dumps({
+        "setting": "mnist_mlp", "status": "waiting_for_shards", "lr": 1e-3, "seed": 0, "shard": 0, "num_shards": 2,
+    }))
+    selection = tmp_path / "2"
+    (selection / ".hydra").mkdir(parents=True)
+    (selection / "selection.json").write_text("{}")
+
+    report = build_report(tmp_path)
+
+    assert row(report.table, method="adamw_influence").num_seeds == 1
+    assert "groundtruth.shard" not in report.table.columns
+    problems = report.problems.set_index("run_dir")
+    assert problems.loc["1", "status"] == "waiting_for_shards"
+    assert "shard 0 of 2" in problems.loc["1", "message"]
+    assert problems.loc["2", "status"] == "selection"
+    assert "Not counted: 1 waiting for shards, 1 selection." in format_report(report)
+
+
+def test_sweep_callback_accepts_shard_jobs(tmp_path):
+    make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "summary.json").write_text(json.dumps({"status": "waiting_for_shards", "shard": 0}))
+
+    sweep.SweepStatusCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+
+    assert sweep.sweep_exit_status() == 0
+
+
+def test_num_scored_splits_rows(tmp_path):
+    make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4, config={"evaluation.num_scored": 64})
+    make_run(tmp_path / "1", lr=1e-3, seed=0, sgd=0.3, adamw=0.5, config={"evaluation.num_scored": None})
+
+    table = build_report(tmp_path).table
+
+    assert "evaluation.num_scored" in table.columns
+    assert len(table) == 4
+    assert (table["num_seeds"] == 1).all()
 
 
 def test_corrupt_summary_listed_incomplete(tmp_path):

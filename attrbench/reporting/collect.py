@@ -2,7 +2,10 @@
 
 A run directory is one that ``attrbench run`` wrote into: it contains ``summary.json`` (finished),
 ``failed.json`` (the job raised) or Hydra's ``.hydra/`` folder (started). Single runs and sweep
-jobs look the same, so one walk finds both, at any depth. A finished run is read from
+jobs look the same, so one walk finds both, at any depth. Two kinds of finished job have no
+Spearman table: a ground-truth shard job that left the evaluation to the job finishing the last
+shard (``summary.json`` with status ``waiting_for_shards``), and a run of ``attrbench select``
+(``selection.json``). They are listed, but neither counted nor treated as failures. A finished run is read from
 ``summary.json`` (setting, data variant, optimizer, learning rate, seed), ``spearman.csv`` (one row
 per influence method) and ``config.yaml`` (the resolved config, used to tell experiments apart).
 """
@@ -25,9 +28,14 @@ SUMMARY_FILE = "summary.json"
 TABLE_FILE = "spearman.csv"
 CONFIG_FILE = "config.yaml"
 FAILED_FILE = "failed.json"
+SELECTION_FILE = "selection.json"
 HYDRA_DIR = ".hydra"
 
 COMPLETE, FAILED, INCOMPLETE, DUPLICATE = "complete", "failed", "incomplete", "duplicate"
+WAITING_FOR_SHARDS, SELECTION = "waiting_for_shards", "selection"
+STATUSES = (COMPLETE, FAILED, INCOMPLETE, DUPLICATE, WAITING_FOR_SHARDS, SELECTION)
+# Statuses of a job that did not do its work: a sweep with such a job exits with status 1.
+UNFINISHED = (FAILED, INCOMPLETE)
 
 # Config keys that never separate two experiments. The table averages over the seed, and the
 # learning rate and setting name have their own columns. The data source comes from summary.json,
@@ -35,9 +43,10 @@ COMPLETE, FAILED, INCOMPLETE, DUPLICATE = "complete", "failed", "incomplete", "d
 IGNORED_KEYS = frozenset({
     "seed", "optimizer.lr", "setting.name", "data.source", "data.root", "data.download",
     "cache_dir", "progress", "device", "deterministic", "influence.methods", "influence.query_chunk_size",
-    "groundtruth.chunk_size", "trajectory.checkpoint_every", "train.micro_batch_size",
+    "groundtruth.chunk_size", "groundtruth.num_shards", "groundtruth.shard", "trajectory.checkpoint_every",
+    "train.micro_batch_size", "evaluation.scatter_test_points",
 })
-IGNORED_PREFIXES = ("evaluation.", "hydra.")
+IGNORED_PREFIXES = ("memory.", "hydra.")
 
 # The columns of runs.csv; the distinguishing config keys go between "optimizer" and "lr".
 RUN_COLUMNS = ["run_dir", "setting", "variant", "optimizer", "lr", "seed", "method",
@@ -109,6 +118,11 @@ def read_run(directory: Path) -> RunRecord:
         record.overrides = failure.get("overrides", record.overrides)
         return record
 
+    if (directory / SELECTION_FILE).exists():
+        record.status = SELECTION
+        record.message = "a run of attrbench select; `attrbench select-report` reports it"
+        return record
+
     summary_path, table_path = directory / SUMMARY_FILE, directory / TABLE_FILE
     if not summary_path.exists():
         record.message = "no summary.json: the run is still going or stopped before it finished"
@@ -116,6 +130,11 @@ def read_run(directory: Path) -> RunRecord:
     summary = _read_json(summary_path)
     if summary is None:
         record.message = "summary.json is not valid JSON"
+        return record
+    if summary.get("status") == WAITING_FOR_SHARDS:
+        record.status, record.summary = WAITING_FOR_SHARDS, summary
+        record.message = (f"computed ground-truth shard {summary.get('shard')} of {summary.get('num_shards')} "
+                          "and left the evaluation to the job that finished the last shard")
         return record
     if not table_path.exists():
         record.message = "summary.json exists but spearman.csv is missing"
@@ -272,7 +291,7 @@ def runs_frame(records: list[RunRecord], extra_keys: list[str]) -> pd.DataFrame:
 
 
 def problems_frame(records: list[RunRecord]) -> pd.DataFrame:
-    """List the runs that are not counted (failed, incomplete or duplicate), one row each."""
+    """List the runs that are not counted, one row each, with their status and the reason."""
     rows = [
         {
             "run_dir": str(record.directory),

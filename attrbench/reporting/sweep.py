@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from attrbench.io import write_json
-from attrbench.reporting.collect import COMPLETE, FAILED, FAILED_FILE, find_runs
+from attrbench.reporting.collect import FAILED, FAILED_FILE, UNFINISHED, find_runs
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class SweepStatusCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         records = find_runs(sweep_dir) if sweep_dir.is_dir() else []
-        problems = [record for record in records if record.status != COMPLETE]
+        problems = [record for record in records if record.status in UNFINISHED]
         FAILED_JOBS[:] = [str(record.directory) for record in problems]
         if sweep_dir.is_dir():
             write_json(sweep_dir / SWEEP_STATUS_FILE, {

@@ -28,8 +28,7 @@ from safetensors.numpy import load_file
 from attrbench.io import write_text
 from attrbench.reporting.aggregate import aggregate_seeds, experiment_columns
 from attrbench.reporting.collect import (
-    COMPLETE, DUPLICATE, FAILED, INCOMPLETE, RunRecord, distinguishing_keys, find_runs, mark_duplicates,
-    problems_frame, runs_frame,
+    COMPLETE, STATUSES, distinguishing_keys, find_runs, mark_duplicates, problems_frame, runs_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ def build_report(root: str | Path, test_point: int = 0, scatter_runs: list[str] 
     problems["run_dir"] = [_relative(path, root) for path in problems["run_dir"]]
     table = aggregate_seeds(runs)
     scatter = scatter_frame(root, runs, test_point, scatter_runs)
-    counts = {status: sum(record.status == status for record in records)
-              for status in (COMPLETE, FAILED, INCOMPLETE, DUPLICATE)}
+    counts = {status: sum(record.status == status for record in records) for status in STATUSES}
     return Report(root, table, runs, problems, scatter, counts)
 
 
@@ -180,11 +178,12 @@ def write_report(report: Report, directory: str | Path) -> None:
 def format_report(report: Report) -> str:
     """Format the Markdown report: run counts, the table over seeds and the runs not counted."""
     counts = report.status_counts
+    not_counted = ", ".join(f"{count} {status.replace('_', ' ')}" for status, count in counts.items()
+                            if status != COMPLETE and count)
     lines = [
         f"# attrbench report: {report.root}",
         "",
-        f"{counts[COMPLETE]} finished runs counted; {counts[FAILED]} failed, {counts[INCOMPLETE]} incomplete, "
-        f"{counts[DUPLICATE]} duplicates not counted.",
+        f"{counts[COMPLETE]} finished runs counted. Not counted: {not_counted or 'none'}.",
         "",
         format_table(report.table),
         "Spearman: each run's mean Spearman correlation over test points, averaged over seeds; std is "
