@@ -62,7 +62,7 @@ def build_report(root: str | Path, test_point: int = 0, scatter_runs: list[str] 
             their tensors, the one with the largest learning rate, then the smallest seed.
 
     Raises:
-        FileNotFoundError: When ``root`` holds no run directory.
+        FileNotFoundError: When ``root`` contains no run directory.
     """
     root = Path(root)
     records = find_runs(root)
@@ -89,7 +89,7 @@ def _relative(path: str | Path, root: Path) -> str:
 
 
 def scatter_frame(root: Path, runs: pd.DataFrame, test_point: int, scatter_runs: list[str] | None) -> pd.DataFrame:
-    """True and predicted effects of ``test_point`` for the chosen runs, one row per method and sample.
+    """Collect the true and predicted effects of ``test_point`` in the chosen runs, a row per method and sample.
 
     Raises:
         ValueError: When a requested run is not a finished run under ``root``.
