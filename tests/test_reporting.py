@@ -68,7 +68,8 @@ def make_run(directory: Path, *, lr: float, seed: int, sgd: float | None, adamw:
     return directory
 
 
-def make_tensors(directory: Path, delta: np.ndarray, predictions: dict[str, np.ndarray], samples: np.ndarray) -> None:
+def make_tensors(directory: Path, delta: np.ndarray, predictions: dict[str, np.ndarray],
+                 samples: np.ndarray) -> None:
     save_file({"delta": delta, "samples": samples}, str(directory / "groundtruth.safetensors"))
     save_file(predictions, str(directory / "predictions.safetensors"))
 
@@ -124,7 +125,8 @@ def test_aggregate_relative_improvement(sweep_tree):
 
     assert row(table, lr=1e-3, method="adamw_influence").relative_improvement == pytest.approx(1.0, rel=1e-12)
     # lr 1e-4: sgd mean 0.6, adamw mean 0.65
-    assert row(table, lr=1e-4, method="adamw_influence").relative_improvement == pytest.approx(0.05 / 0.6, rel=1e-12)
+    improvement = row(table, lr=1e-4, method="adamw_influence").relative_improvement
+    assert improvement == pytest.approx(0.05 / 0.6, rel=1e-12)
     assert np.isnan(row(table, lr=1e-3, method="sgd_influence").relative_improvement)
 
 
@@ -207,8 +209,10 @@ def test_differing_config_value_splits_rows(tmp_path):
 
     assert "optimizer.weight_decay" in table.columns
     assert "groundtruth.chunk_size" not in table.columns  # changes how a run executes, not its results
-    assert row(table, **{"optimizer.weight_decay": 0.0, "method": "sgd_influence"}).spearman_mean == pytest.approx(0.2)
-    assert row(table, **{"optimizer.weight_decay": 0.1, "method": "sgd_influence"}).spearman_mean == pytest.approx(0.1)
+    without_decay = row(table, **{"optimizer.weight_decay": 0.0, "method": "sgd_influence"})
+    with_decay = row(table, **{"optimizer.weight_decay": 0.1, "method": "sgd_influence"})
+    assert without_decay.spearman_mean == pytest.approx(0.2)
+    assert with_decay.spearman_mean == pytest.approx(0.1)
     assert (table["num_seeds"] == 2).all()
 
 
@@ -413,7 +417,8 @@ def test_figures_command_imports_no_torch(sweep_tree):
         "print('heavy modules:', sorted(m for m in ('torch', 'scipy', 'hydra') if m in sys.modules))\n"
         "sys.exit(status)\n"
     )
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
+    python_path = os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])
+    environment = {**os.environ, "PYTHONPATH": python_path}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
                             timeout=120)
 

@@ -22,7 +22,8 @@ RESULT_COLUMNS = ["method", "spearman_mean", "spearman_std", "num_seeds", "seeds
 def experiment_columns(columns: Iterable[str]) -> list[str]:
     """Return the columns that name an experiment family in a runs or report table.
 
-    They run from ``setting`` up to, not including, ``lr``: ``setting``, ``variant``, ``optimizer`` and any distinguishing config keys.
+    They run from ``setting`` up to, not including, ``lr``: ``setting``, ``variant``,
+    ``optimizer`` and any distinguishing config keys.
     """
     columns = list(columns)
     return columns[columns.index("setting"):columns.index("lr")]

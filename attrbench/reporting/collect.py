@@ -109,12 +109,14 @@ def _natural_key(path: Path) -> list:
 
 def read_run(directory: Path) -> RunRecord:
     """Read one run directory; a missing or unreadable file makes the run failed or incomplete."""
-    record = RunRecord(directory, INCOMPLETE, config=_read_config(directory), overrides=_read_overrides(directory))
+    record = RunRecord(directory, INCOMPLETE, config=_read_config(directory),
+                       overrides=_read_overrides(directory))
     failed_path = directory / FAILED_FILE
     if failed_path.exists():
         failure = _read_json(failed_path) or {}
         record.status = FAILED
-        record.message = f"{failure.get('error_type', 'error')}: {failure.get('message', 'unreadable failed.json')}"
+        error_type = failure.get("error_type", "error")
+        record.message = f"{error_type}: {failure.get('message', 'unreadable failed.json')}"
         record.overrides = failure.get("overrides", record.overrides)
         return record
 

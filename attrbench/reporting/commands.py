@@ -76,7 +76,7 @@ def figures_main(argv: list[str]) -> int:
 
 
 def find_report_directory(directory: Path) -> Path | None:
-    """Return ``directory`` if it contains report tables, else its ``report/`` subdirectory if that does, else None."""
+    """Return ``directory`` or its ``report/`` subdirectory, whichever contains report tables, else None."""
     from attrbench.reporting.tables import RUNS_CSV, TABLE_CSV
 
     # A run directory also contains spearman.csv; runs.csv is what marks a report directory.

@@ -117,7 +117,8 @@ def _default_scatter_runs(root: Path, runs: pd.DataFrame) -> list[str]:
     """Per experiment family: the run with the largest learning rate, then smallest seed, that has tensors."""
     chosen = []
     family = experiment_columns(runs.columns)
-    candidates = runs.drop_duplicates("run_dir").sort_values(["lr", "seed"], ascending=[False, True], kind="stable")
+    candidates = runs.drop_duplicates("run_dir")
+    candidates = candidates.sort_values(["lr", "seed"], ascending=[False, True], kind="stable")
     for _, group in candidates.groupby(family, sort=False, dropna=False):
         with_tensors = [run_dir for run_dir in group["run_dir"] if _has_tensors(root / run_dir)]
         if with_tensors:
