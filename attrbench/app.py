@@ -6,9 +6,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from attrbench.pipeline import run_experiment
+from attrbench.reporting.sweep import record_failure
 
 
 # The configs are the repository's top-level conf/ directory, found relative to this file, so
@@ -21,8 +23,14 @@ def run_app(cfg: DictConfig) -> float | None:
     """Run one experiment in the Hydra run directory; returns AdamW-influence's mean Spearman.
 
     A ground-truth shard job that did not evaluate, because other shards are unfinished, returns None.
+    So does a failing sweep job, after writing ``failed.json``, so that the other jobs still run.
     """
-    table = run_experiment(cfg, HydraConfig.get().runtime.output_dir)
-    if table is None:  # a ground-truth shard job whose other shards are not finished yet
-        return None
-    return float(table["spearman_mean"].iloc[-1])
+    hydra_config = HydraConfig.get()
+    output_dir = hydra_config.runtime.output_dir
+    sweep_job = hydra_config.mode == RunMode.MULTIRUN
+    with record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job):
+        table = run_experiment(cfg, output_dir)
+        if table is None:  # a ground-truth shard job whose other shards are not finished yet
+            return None
+        return float(table["spearman_mean"].iloc[-1])
+    return None

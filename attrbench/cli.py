@@ -20,6 +20,9 @@ commands:
                     offline) and report the final test loss and accuracy (a Hydra app)
   select-report DIR [--output OUT]
                     aggregate the selection runs under DIR into a table and figures
+  report DIR        gather every run under DIR into one table over seeds, and draw the figures
+                    (`attrbench report --help`)
+  figures DIR       redraw the figures from the tables that `attrbench report DIR` saved
 """
 
 
@@ -31,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "run":
         from attrbench.app import run_app
+        from attrbench.reporting.sweep import sweep_exit_status
 
         sys.argv = ["attrbench run", *rest]
         run_app()
-        return 0
+        return sweep_exit_status()
     if command == "merge":
         from attrbench.merge import merge_command
 
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from attrbench.selection.report import main as select_report
 
         return select_report(rest)
+    if command in ("report", "figures"):
+        from attrbench.reporting.commands import COMMANDS
+
+        return COMMANDS[command](rest)
     print(f"attrbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,4 +1,9 @@
-"""Atomic file writes and checksums for stage outputs."""
+"""Atomic file writes and checksums for stage outputs.
+
+torch and safetensors.torch are imported inside the tensor functions, so that the torch-free
+commands (``attrbench report``, ``attrbench figures``) can write files through this module
+without paying for a torch import.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def _atomic_target(path: Path):
@@ -56,6 +62,8 @@ def read_json(path: str | Path):
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save tensors as safetensors atomically; return the file's SHA-256."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     temporary = _atomic_target(path)
     try:
@@ -70,6 +78,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(path), device=str(device))
 
 
