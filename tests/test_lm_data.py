@@ -256,7 +256,7 @@ def test_model_configs_set_memory_sizes():
     sizes = {name: (cfg.train.micro_batch_size, cfg.groundtruth.chunk_size, cfg.influence.query_chunk_size,
                     cfg.trajectory.checkpoint_every, cfg.optimizer.lr) for name, cfg in configs.items()}
     assert sizes == {"gpt2": (4, 10, 8, 4, 1e-4), "tiny_gpt2": (None, 25, 16, 1, 1e-4),
-                     "llama": (1, 4, 2, 2, 1e-6), "tiny_llama": (None, 16, 16, 1, 1e-6)}
+                     "llama": (1, 4, 2, 2, 2e-6), "tiny_llama": (None, 16, 16, 1, 2e-6)}
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         override = compose("config", overrides=["setting=gpt2", "train.micro_batch_size=2", "dtype=float32"])
     assert (override.train.micro_batch_size, override.dtype) == (2, "float32")

@@ -160,7 +160,7 @@ def test_single_run_failure_exits_nonzero(tmp_path):
 
 PRESETS = {
     "paper_mnist": ("mnist_mlp", [1e-3, 1e-4, 1e-5]),
-    "paper_cifar": ("cifar_cnn", [1e-3, 1e-4, 1e-5]),
+    "paper_cifar": ("cifar_cnn", [1e-3, 3e-4, 1e-4]),
     "paper_gpt2": ("gpt2", [1e-4, 5e-5, 1e-5]),
     "paper_llama": ("llama", [5e-7, 2e-6, 1e-5]),
 }
