@@ -1,0 +1,47 @@
+"""Studies a run can add after its evaluation, chosen with ``attrbench run +analysis=NAME``.
+
+``error``: the algorithm-level error of the first-order estimate against the exact second-order
+term and the closed-form proxy (:mod:`attrbench.analysis.error`). ``system``: how precision,
+trajectory storage, checkpoint spacing and reruns move the ground truth and AdamW-influence's
+Spearman (:mod:`attrbench.analysis.system`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# name -> "module:function"; modules are imported on use because they import the pipeline.
+ANALYSES = {
+    "error": "attrbench.analysis.error:run_error_analysis",
+    "system": "attrbench.analysis.system:run_system_study",
+}
+
+
+def run_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_dir: str | Path) -> None:
+    """Run the analysis that ``cfg.analysis.name`` selects, if any, and write its tables into ``run_dir``.
+
+    Args:
+        experiment: The run's :class:`~attrbench.experiment.Experiment`.
+        trajectory: Its recorded trajectory.
+        train_stage: The training stage, whose key downstream stages extend.
+        delta: ``[Q, M]`` leave-one-out ground truth for ``experiment.samples``.
+
+    Raises:
+        ValueError: If ``analysis.name`` is not one of :data:`ANALYSES`.
+    """
+    node = experiment.config.get("analysis")
+    if node is None:
+        return
+    name = node.get("name")
+    if name not in ANALYSES:
+        raise ValueError(f"analysis.name={name!r} is not one of {', '.join(ANALYSES)}; use +analysis=error or +analysis=system")
+    module_name, function_name = ANALYSES[name].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    log.info("analysis %s: starting", name)
+    function(experiment, trajectory, train_stage, delta, Path(run_dir))

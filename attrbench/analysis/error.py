@@ -1,0 +1,182 @@
+"""Algorithm-level error of one run: measured first-order error, second-order term and proxy.
+
+For every attributed sample j, averaged over the test losses q:
+
+* measured error ``mean_q |delta_qj - F'_qj|``, where ``F'`` is the first-order estimate
+  (AdamW-influence on AdamW runs, SGD-influence on SGD runs, both equal to ``F'(0)`` of the
+  second-order method);
+* second-order term ``mean_q |F''_qj / 2|`` from the exact second derivative;
+* residual ``mean_q |delta_qj - F'_qj - F''_qj / 2|`` left by the second-order estimate;
+* proxy ``mean_q |E_qj|`` from :mod:`attrbench.analysis.proxy`.
+
+How well the second-order term and the proxy predict the measured error is their Spearman
+correlation with it across samples and the ratio of their totals to its total.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from attrbench.analysis.proxy import ProxyTerms, error_proxy
+from attrbench.evaluation.metrics import rowwise_correlations
+from attrbench.evaluation.report import write_table
+from attrbench.io import load_tensors, save_tensors
+from attrbench.stages import Stage, config_key, open_stage
+
+log = logging.getLogger(__name__)
+
+SAMPLES_TABLE = "error_samples"
+SUMMARY_TABLE = "error_summary"
+# Part of the proxy's cache key: raise it whenever the proxy's definition changes.
+PROXY_VERSION = 1
+
+
+def run_error_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_dir: Path) -> pd.DataFrame:
+    """Compute the per-sample error table and the run summary and write both into ``run_dir``."""
+    from attrbench.pipeline import influence_for
+
+    scores, second_order_stage = influence_for(experiment, trajectory, train_stage, "second_order")
+    if not torch.equal(scores.samples, experiment.samples):
+        raise RuntimeError("second_order scores cover other samples than the ground truth; clear the cache entry")
+    proxy, proxy_stage = proxy_for(experiment, trajectory, train_stage)
+    first_steps = trajectory.batches.first_steps(experiment.samples)
+    per_sample = sample_errors(
+        delta.numpy(), scores.first_derivative.numpy(), scores.second_order_term.numpy(), proxy,
+        experiment.samples.numpy(), first_steps.numpy(),
+    )
+    cfg = experiment.config
+    run = {
+        "setting": cfg.setting.name,
+        "optimizer": experiment.optimizer.name,
+        "lr": float(cfg.optimizer.lr),
+        "epochs": int(cfg.train.epochs),
+        "num_steps": trajectory.num_steps,
+        "seed": int(cfg.seed),
+        "dtype": cfg.dtype,
+        "removal": cfg.groundtruth.removal,
+        "num_samples": len(experiment.samples),
+        "num_test": int(delta.shape[0]),
+        "second_order_seconds": second_order_stage.record()["elapsed_seconds"],
+        "proxy_seconds": proxy_stage.record()["elapsed_seconds"],
+    }
+    summary = summarize_errors(
+        delta.numpy(), scores.first_derivative.numpy(), scores.second_order_term.numpy(),
+        proxy.total.numpy(), per_sample, run,
+    )
+    write_table(per_sample, run_dir, SAMPLES_TABLE)
+    write_table(summary, run_dir, SUMMARY_TABLE)
+    log.info(
+        "error analysis: measured %.3g, second-order term %.3g (Spearman %.3f), proxy %.3g (Spearman %.3f)",
+        summary.measured_error[0], summary.second_order_term[0], summary.spearman_error_second_order[0],
+        summary.proxy[0], summary.spearman_error_proxy[0],
+    )
+    return summary
+
+
+def proxy_for(experiment, trajectory, train_stage) -> tuple[ProxyTerms, Stage]:
+    """The proxy terms of the attributed samples and their stage, cached like the pipeline's stages."""
+    cfg = experiment.config
+    options = cfg.analysis.get("proxy", {}) or {}
+    batch_size = int(options.get("curvature_batch_size", 256))
+    config = {
+        "train": train_stage.key,
+        "samples": config_key({"samples": experiment.samples.tolist()}),
+        "removal": cfg.groundtruth.removal,
+        "curvature_batch_size": batch_size,
+        "seed": int(cfg.seed),
+        "version": PROXY_VERSION,
+    }
+    stage = open_stage(cfg.cache_dir, "analysis/error_proxy", config)
+    path = stage.directory / "proxy.safetensors"
+    if stage.is_complete():
+        log.info("error proxy: reusing %s", path)
+        return ProxyTerms.from_tensors(load_tensors(path)), stage
+
+    start = time.perf_counter()
+    proxy = error_proxy(
+        experiment.task, experiment.data.train, experiment.data.test, trajectory, experiment.samples,
+        cfg.groundtruth.removal, batch_size, int(cfg.seed), experiment.device, cfg.progress,
+    )
+    digest = save_tensors(path, proxy.to_tensors())
+    stage.complete({"proxy.safetensors": digest}, time.perf_counter() - start)
+    return proxy, stage
+
+
+def sample_errors(
+    delta: np.ndarray,
+    first: np.ndarray,
+    second_term: np.ndarray,
+    proxy: ProxyTerms,
+    samples: np.ndarray,
+    first_steps: np.ndarray,
+) -> pd.DataFrame:
+    """One row per attributed sample; every error column is a mean over test losses.
+
+    Args:
+        delta, first, second_term: ``[Q, M]`` ground truth, ``F'(0)`` and ``F''(0) / 2``.
+    """
+    return pd.DataFrame(
+        {
+            "sample": samples,
+            "first_step": first_steps,
+            "mean_abs_delta": np.abs(delta).mean(axis=0),
+            "measured_error": np.abs(delta - first).mean(axis=0),
+            "second_order_term": np.abs(second_term).mean(axis=0),
+            "second_order_residual": np.abs(delta - first - second_term).mean(axis=0),
+            "proxy": np.abs(proxy.total.numpy()).mean(axis=0),
+            "proxy_optimizer_term": np.abs(proxy.optimizer_term.numpy()).mean(axis=0),
+            "proxy_curvature_term": np.abs(proxy.curvature_term.numpy()).mean(axis=0),
+            "perturbation_size": proxy.perturbation_size.numpy(),
+            "lr_length": proxy.lr_length.numpy(),
+        }
+    )
+
+
+def summarize_errors(
+    delta: np.ndarray,
+    first: np.ndarray,
+    second_term: np.ndarray,
+    proxy_total: np.ndarray,
+    per_sample: pd.DataFrame,
+    run: dict,
+) -> pd.DataFrame:
+    """One-row table: totals, Spearman of both estimates against ground truth, and predictiveness.
+
+    ``measured_error``, ``second_order_term``, ``second_order_residual`` and ``proxy`` are means
+    over all (test, sample) pairs. ``spearman_error_*`` rank samples; ``ratio_*`` divide totals;
+    ``sign_agreement`` is the fraction of pairs where ``F''/2`` has the sign of ``delta - F'``.
+    """
+    measured = per_sample.measured_error.to_numpy()
+    error = delta - first
+    row = {
+        **run,
+        "spearman_first_order": float(np.nanmean(rowwise_correlations(first, delta).spearman)),
+        "spearman_second_order": float(np.nanmean(rowwise_correlations(first + second_term, delta).spearman)),
+        "measured_error": float(measured.mean()),
+        "second_order_term": float(per_sample.second_order_term.mean()),
+        "second_order_residual": float(per_sample.second_order_residual.mean()),
+        "proxy": float(per_sample.proxy.mean()),
+        "spearman_error_second_order": _spearman(measured, per_sample.second_order_term.to_numpy()),
+        "spearman_error_proxy": _spearman(measured, per_sample.proxy.to_numpy()),
+        "spearman_second_order_proxy": _spearman(per_sample.second_order_term.to_numpy(),
+                                                 per_sample.proxy.to_numpy()),
+        "ratio_second_order": float(per_sample.second_order_term.sum() / measured.sum()),
+        "ratio_proxy": float(per_sample.proxy.sum() / measured.sum()),
+        "sign_agreement": float((np.sign(second_term) == np.sign(error)).mean()),
+        "sign_agreement_proxy": float((np.sign(proxy_total) == np.sign(error)).mean()),
+        "mean_abs_delta": float(np.abs(delta).mean()),
+    }
+    return pd.DataFrame([row])
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)

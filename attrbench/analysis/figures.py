@@ -1,0 +1,133 @@
+"""Tables and the figure of algorithm-level error against learning rate and training length.
+
+Entry point: :func:`draw_error_figures` reads the ``error_summary.csv`` of every run under a sweep
+directory (as ``attrbench run -m +analysis=error ...`` writes them) and writes, into an output
+directory,
+
+* ``error_grid.csv`` / ``.md``: mean and standard deviation over seeds of the measured error, the
+  second-order term and the proxy for each (learning rate, number of steps) cell;
+* ``error_grid_correlations.csv`` / ``.md``: Spearman correlation of the measured error with each
+  predictor across all runs and across the seed-averaged cells;
+* ``error_vs_lr_and_steps.png``: measured and predicted error against the learning rate (one line
+  per training length) and against the number of steps (one line per learning rate).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from attrbench.evaluation.report import write_table  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "error_summary.csv"
+CELL = ["lr", "num_steps"]
+QUANTITIES = ["measured_error", "second_order_term", "proxy", "spearman_first_order", "spearman_second_order"]
+PREDICTORS = {"second_order_term": "exact second-order term", "proxy": "closed-form proxy"}
+
+
+def collect_error_summaries(sweep_dir: str | Path) -> pd.DataFrame:
+    """Concatenate every ``error_summary.csv`` under ``sweep_dir``, with a ``run_dir`` column.
+
+    Raises:
+        FileNotFoundError: If there is none.
+    """
+    sweep_dir = Path(sweep_dir)
+    paths = sorted(sweep_dir.rglob(SUMMARY_FILE))
+    if not paths:
+        raise FileNotFoundError(
+            f"no {SUMMARY_FILE} under {sweep_dir}; run the sweep with +analysis=error first"
+        )
+    frames = [pd.read_csv(path).assign(run_dir=str(path.parent.relative_to(sweep_dir))) for path in paths]
+    return pd.concat(frames, ignore_index=True)
+
+
+def error_grid(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds for each (learning rate, number of steps) cell."""
+    grouped = summaries.groupby(CELL)
+    table = grouped[QUANTITIES].agg(["mean", "std"])
+    table.columns = [f"{name}_{statistic}" for name, statistic in table.columns]
+    table["seeds"] = grouped["seed"].nunique()
+    return table.reset_index()
+
+
+def grid_correlations(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Spearman of the measured error with each predictor, across runs and across seed-averaged cells."""
+    cells = summaries.groupby(CELL)[list(PREDICTORS) + ["measured_error"]].mean()
+    rows = []
+    for column, label in PREDICTORS.items():
+        rows.append({
+            "predictor": label,
+            "spearman_across_runs": _spearman(summaries.measured_error, summaries[column]),
+            "runs": len(summaries),
+            "spearman_across_cells": _spearman(cells.measured_error, cells[column]),
+            "cells": len(cells),
+            "ratio_of_totals": float(summaries[column].sum() / summaries.measured_error.sum()),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_error_grid(summaries: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Two panels: error against the learning rate and against the number of steps, log-log."""
+    cells = summaries.groupby(CELL)[list(PREDICTORS) + ["measured_error"]].mean().reset_index()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {"measured_error": ("-", "o", "measured"), "second_order_term": (":", "s", "second-order term"),
+              "proxy": ("--", "^", "proxy")}
+    for axis, (x, line_key, x_label) in zip(
+        axes, (("lr", "num_steps", "learning rate"), ("num_steps", "lr", "number of steps T"))
+    ):
+        colors = plt.cm.viridis(np.linspace(0.0, 0.85, cells[line_key].nunique()))
+        for color, (value, group) in zip(colors, cells.groupby(line_key)):
+            group = group.sort_values(x)
+            label = f"T = {value}" if line_key == "num_steps" else f"lr = {value:g}"
+            for column, (style, marker, name) in styles.items():
+                axis.plot(group[x], group[column], linestyle=style, marker=marker, color=color,
+                          label=f"{name}, {label}" if column == "measured_error" else None)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel(x_label)
+        axis.set_ylabel("mean |error| per (test, sample) pair")
+        axis.legend(fontsize=7, loc="best")
+    legend = [plt.Line2D([], [], color="0.3", linestyle=style, marker=marker, label=name)
+              for style, marker, name in styles.values()]
+    figure.legend(handles=legend, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=10, y=0.02, va="bottom")
+    figure.tight_layout(rect=(0, 0.04, 1, 0.93))
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def draw_error_figures(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the grid tables and the figure for the sweep in ``sweep_dir``; return the written paths.
+
+    Args:
+        sweep_dir: Directory containing the sweep's run directories (searched recursively).
+        out_dir: Where to write; defaults to ``sweep_dir``.
+    """
+    out_dir = Path(out_dir or sweep_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = collect_error_summaries(sweep_dir)
+    write_table(error_grid(summaries), out_dir, "error_grid")
+    write_table(grid_correlations(summaries), out_dir, "error_grid_correlations")
+    figure = out_dir / "error_vs_lr_and_steps.png"
+    setting = ", ".join(sorted(summaries.setting.unique()))
+    plot_error_grid(summaries, figure, f"{setting}: first-order error, {summaries.seed.nunique()} seeds")
+    log.info("error figures: %d runs from %s written to %s", len(summaries), sweep_dir, out_dir)
+    return [out_dir / "error_grid.csv", out_dir / "error_grid_correlations.csv", figure]
+
+
+def _spearman(x, y) -> float:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
