@@ -23,6 +23,35 @@ ANALYSES = {
 }
 
 
+def check_analysis(cfg) -> None:
+    """Reject an unknown analysis or invalid analysis options before any work starts.
+
+    Raises:
+        ValueError: Naming the invalid value and the fix.
+    """
+    node = cfg.get("analysis")
+    if node is None:
+        return
+    name = node.get("name")
+    if name not in ANALYSES:
+        raise ValueError(f"analysis.name={name!r} is not one of {', '.join(ANALYSES)}; use +analysis=error or +analysis=system")
+    if name == "system":
+        if cfg.dtype != "float64":
+            raise ValueError(f"the system study compares against a float64 reference; run it with dtype=float64, not {cfg.dtype}")
+        for dtype_name in node.storage_dtypes:
+            if dtype_name not in ("float64", "float32", "bfloat16", "float16"):
+                raise ValueError(f"analysis.storage_dtypes contains {dtype_name!r}; use float32, bfloat16 or float16")
+        for every in node.checkpoint_every:
+            if int(every) < 1:
+                raise ValueError(f"analysis.checkpoint_every contains {every}; every spacing must be at least 1")
+        if int(node.noise_floor_chunk_size) < 1:
+            raise ValueError(f"analysis.noise_floor_chunk_size={node.noise_floor_chunk_size} must be at least 1")
+    if name == "error":
+        proxy = node.get("proxy") or {}
+        if int(proxy.get("curvature_batch_size", 256)) < 1:
+            raise ValueError(f"analysis.proxy.curvature_batch_size={proxy.get('curvature_batch_size')} must be at least 1")
+
+
 def run_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_dir: str | Path) -> None:
     """Run the analysis that ``cfg.analysis.name`` selects, if any, and write its tables into ``run_dir``.
 
@@ -38,9 +67,8 @@ def run_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_d
     node = experiment.config.get("analysis")
     if node is None:
         return
+    check_analysis(experiment.config)
     name = node.get("name")
-    if name not in ANALYSES:
-        raise ValueError(f"analysis.name={name!r} is not one of {', '.join(ANALYSES)}; use +analysis=error or +analysis=system")
     module_name, function_name = ANALYSES[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     log.info("analysis %s: starting", name)

@@ -26,8 +26,8 @@ from scipy import stats
 
 from attrbench.analysis.proxy import ProxyTerms, error_proxy
 from attrbench.evaluation.metrics import rowwise_correlations
-from attrbench.evaluation.report import write_table
-from attrbench.io import load_tensors, save_tensors
+from attrbench.evaluation.report import format_markdown
+from attrbench.io import load_tensors, save_tensors, write_text
 from attrbench.stages import Stage, config_key, open_stage
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,10 @@ def run_error_analysis(experiment, trajectory, train_stage, delta: torch.Tensor,
         delta.numpy(), scores.first_derivative.numpy(), scores.second_order_term.numpy(),
         proxy.total.numpy(), per_sample, run,
     )
-    write_table(per_sample, run_dir, SAMPLES_TABLE)
-    write_table(summary, run_dir, SUMMARY_TABLE)
+    for table, stem in ((per_sample, SAMPLES_TABLE), (summary, SUMMARY_TABLE)):
+        # Errors span orders of magnitude, so the Markdown tables use significant digits.
+        write_text(run_dir / f"{stem}.csv", table.to_csv(index=False))
+        write_text(run_dir / f"{stem}.md", format_markdown(table, floatfmt=".4g"))
     log.info(
         "error analysis: measured %.3g, second-order term %.3g (Spearman %.3f), proxy %.3g (Spearman %.3f)",
         summary.measured_error[0], summary.second_order_term[0], summary.spearman_error_second_order[0],
@@ -81,7 +83,7 @@ def run_error_analysis(experiment, trajectory, train_stage, delta: torch.Tensor,
 
 
 def proxy_for(experiment, trajectory, train_stage) -> tuple[ProxyTerms, Stage]:
-    """The proxy terms of the attributed samples and their stage, cached like the pipeline's stages."""
+    """Load or compute the attributed samples' proxy terms, cached in a stage like the pipeline's."""
     cfg = experiment.config
     options = cfg.analysis.get("proxy", {}) or {}
     batch_size = int(options.get("curvature_batch_size", 256))
@@ -117,7 +119,7 @@ def sample_errors(
     samples: np.ndarray,
     first_steps: np.ndarray,
 ) -> pd.DataFrame:
-    """One row per attributed sample; every error column is a mean over test losses.
+    """Tabulate one row per attributed sample; every error column is a mean over test losses.
 
     Args:
         delta, first, second_term: ``[Q, M]`` ground truth, ``F'(0)`` and ``F''(0) / 2``.
@@ -147,7 +149,7 @@ def summarize_errors(
     per_sample: pd.DataFrame,
     run: dict,
 ) -> pd.DataFrame:
-    """One-row table: totals, Spearman of both estimates against ground truth, and predictiveness.
+    """Summarize the run in one row: totals, Spearman against ground truth, and predictiveness.
 
     ``measured_error``, ``second_order_term``, ``second_order_residual`` and ``proxy`` are means
     over all (test, sample) pairs. ``spearman_error_*`` rank samples; ``ratio_*`` divide totals;

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from attrbench.evaluation.report import write_table  # noqa: E402
+from attrbench.evaluation.report import format_markdown  # noqa: E402
+from attrbench.io import write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def grid_correlations(summaries: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_error_grid(summaries: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Two panels: error against the learning rate and against the number of steps, log-log."""
+    """Plot error against the learning rate and against the number of steps (two log-log panels)."""
     cells = summaries.groupby(CELL)[list(PREDICTORS) + ["measured_error"]].mean().reset_index()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"measured_error": ("-", "o", "measured"), "second_order_term": (":", "s", "second-order term"),
@@ -117,13 +118,43 @@ def draw_error_figures(sweep_dir: str | Path, out_dir: str | Path | None = None)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = collect_error_summaries(sweep_dir)
-    write_table(error_grid(summaries), out_dir, "error_grid")
-    write_table(grid_correlations(summaries), out_dir, "error_grid_correlations")
+    for table, stem in ((error_grid(summaries), "error_grid"), (grid_correlations(summaries), "error_grid_correlations")):
+        write_text(out_dir / f"{stem}.csv", table.to_csv(index=False))
+        write_text(out_dir / f"{stem}.md", format_markdown(table, floatfmt=".4g"))
     figure = out_dir / "error_vs_lr_and_steps.png"
     setting = ", ".join(sorted(summaries.setting.unique()))
     plot_error_grid(summaries, figure, f"{setting}: first-order error, {summaries.seed.nunique()} seeds")
     log.info("error figures: %d runs from %s written to %s", len(summaries), sweep_dir, out_dir)
     return [out_dir / "error_grid.csv", out_dir / "error_grid_correlations.csv", figure]
+
+
+def seed_summary(sweep_dir: str | Path) -> pd.DataFrame:
+    """Tabulate mean and standard deviation over the runs of a sweep for each method.
+
+    Reads every run's ``spearman.csv`` (mean Spearman per method) and, where present, its
+    ``error_summary.csv``, whose error columns are added as rows of their own.
+    """
+    sweep_dir = Path(sweep_dir)
+    paths = sorted(sweep_dir.rglob("spearman.csv"))
+    if not paths:
+        raise FileNotFoundError(f"no spearman.csv under {sweep_dir}; run the sweep first")
+    spearman = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    rows = [
+        {"quantity": f"Spearman, {method}", "mean": group.spearman_mean.mean(),
+         "std": group.spearman_mean.std(ddof=1), "runs": len(group)}
+        for method, group in spearman.groupby("method", sort=False)
+    ]
+    errors = [pd.read_csv(path) for path in sorted(sweep_dir.rglob(SUMMARY_FILE))]
+    if errors:
+        errors = pd.concat(errors, ignore_index=True)
+        for column in ("measured_error", "second_order_term", "second_order_residual", "proxy",
+                       "spearman_error_second_order", "spearman_error_proxy", "ratio_second_order",
+                       "ratio_proxy", "second_order_seconds", "proxy_seconds"):
+            if column not in errors:
+                continue
+            rows.append({"quantity": column, "mean": errors[column].mean(),
+                         "std": errors[column].std(ddof=1), "runs": len(errors)})
+    return pd.DataFrame(rows)
 
 
 def _spearman(x, y) -> float:

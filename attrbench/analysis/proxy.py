@@ -6,10 +6,10 @@ docs/error_proxy.md. In short, for each attributed sample j and test loss F_q th
     E_qj = optimizer term + curvature term
          = F''_frozen / 2 + Lambda_j grad F_q(theta_T) . c_j / 2
 
-* ``F''_frozen`` is the second derivative of F_q along ``theta_T + e theta'_j + e^2 theta''_j / 2``
-  where ``theta'_j, theta''_j`` are the first and second tangents of a *frozen-gradient* run: the
-  recorded batch gradients plus only the sample's direct gradient perturbation, with no
-  response of later gradients to the parameter change. Under that assumption AdamW's update
+* ``F''_frozen`` is the second derivative of F_q along ``theta_T + e theta'_j + e^2 theta''_j / 2``.
+  Here ``theta'_j, theta''_j`` are the first and second tangents of a *frozen-gradient* run. That
+  run takes the recorded batch gradients plus only the sample's direct gradient perturbation,
+  and later gradients do not respond to the parameter change. Under that assumption AdamW's update
   is elementwise, so the tangents follow from elementwise recursions along the stored states
   (learning rates, bias corrections, m, v), exactly including v's quadratic dependence on the
   gradient perturbation. The final derivative adds the test loss's own curvature along

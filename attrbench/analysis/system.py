@@ -9,9 +9,10 @@ measures, against that float64 reference:
 * storage: the trajectory's checkpoints stored in float32, bfloat16 or float16 and read back;
 * checkpoints: a checkpoint every k steps, with exact recomputation of the steps in between
   (replay) or approximate reuse, where each step starts from the stored state nearest to it;
-* noise floor: the ground truth recomputed by identical reruns (which must agree bit for bit
-  in deterministic mode on CPU), with a different number of counterfactuals per stack (which
-  changes only the rounding of the batched kernels), and the training run repeated.
+* noise floor: the ground truth recomputed by an identical rerun, which must agree bit for
+  bit in deterministic mode on CPU. It is also recomputed with a different number of
+  counterfactuals per stack, which changes only the rounding of the batched kernels, and the
+  training run is repeated.
 
 Each row reports AdamW-influence's mean Spearman against its own ground truth and against the
 float64 reference, the largest change of the scores, and the change of the ground truth
@@ -32,10 +33,11 @@ import torch
 from omegaconf import OmegaConf
 
 from attrbench.evaluation.metrics import rowwise_correlations
-from attrbench.evaluation.report import write_table
+from attrbench.evaluation.report import format_markdown
 from attrbench.groundtruth.loo import leave_one_out
 from attrbench.influence import compute_influence
 from attrbench.influence.adamw import AdamWInfluence
+from attrbench.io import write_text
 from attrbench.tasks import Batch, Task
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, Trajectory, checkpoint_steps
@@ -51,20 +53,20 @@ def run_system_study(experiment, trajectory, train_stage, delta: torch.Tensor, r
     from attrbench.pipeline import influence_for
 
     cfg = experiment.config
-    if cfg.dtype != "float64":
-        raise ValueError(f"the system study compares against a float64 reference; run it with dtype=float64, not {cfg.dtype}")
     options = cfg.analysis
-    reference_scores, _ = influence_for(experiment, trajectory, train_stage, METHOD)
+    reference_scores, reference_stage = influence_for(experiment, trajectory, train_stage, METHOD)
     reference = Reference(experiment.samples, delta, reference_scores.predicted_delta(cfg.groundtruth.removal))
 
-    rows = [reference.row("reference", "float64 training, ground truth and influence",
-                          reference.predicted, delta, 0.0)]
+    rows = [reference.row("reference", "float64 training, ground truth and influence", reference.predicted,
+                          delta, reference_stage.record()["elapsed_seconds"])]
     rows += precision_rows(experiment, trajectory, reference)
     rows += [storage_row(experiment, trajectory, reference, name) for name in options.storage_dtypes]
     rows += checkpoint_rows(experiment, trajectory, reference, list(options.checkpoint_every))
     rows += noise_floor_rows(experiment, trajectory, reference, int(options.noise_floor_chunk_size))
     table = pd.DataFrame(rows)
-    write_table(table, run_dir, TABLE)
+    # Most changes are orders of magnitude apart, so the Markdown table uses significant digits.
+    write_text(run_dir / f"{TABLE}.csv", table.to_csv(index=False))
+    write_text(run_dir / f"{TABLE}.md", format_markdown(table, floatfmt=".3g"))
     return table
 
 
@@ -78,13 +80,14 @@ class Reference:
 
     def row(self, study: str, variant: str, predicted: torch.Tensor | None, delta: torch.Tensor,
             seconds: float, **extra) -> dict:
-        """One table row: Spearman, score change and ground-truth change against the reference."""
+        """Build one table row: Spearman, score change and ground-truth change against the reference."""
         row = {"study": study, "variant": variant}
         if predicted is not None:
             scores = predicted[:, self.samples].double()
             row["spearman"] = mean_spearman(scores, delta.double())
             row["spearman_vs_reference"] = mean_spearman(scores, self.delta)
             row["score_max_relative_change"] = max_relative_change(scores, self.predicted[:, self.samples])
+            row["score_median_relative_change"] = median_relative_change(scores, self.predicted[:, self.samples])
         row.update(groundtruth_change(delta, self.delta))
         row["seconds"] = round(seconds, 2)
         row.update(extra)
@@ -96,12 +99,21 @@ def mean_spearman(predicted: torch.Tensor, delta: torch.Tensor) -> float:
 
 
 def max_relative_change(values: torch.Tensor, reference: torch.Tensor) -> float:
-    """``max |values - reference| / max |reference|``."""
+    """Return ``max |values - reference| / max |reference|``."""
     return float((values.double() - reference.double()).abs().max() / reference.double().abs().max())
 
 
+def median_relative_change(values: torch.Tensor, reference: torch.Tensor) -> float:
+    """Return ``median |values - reference| / median |reference|``, the typical relative change.
+
+    Unlike :func:`max_relative_change` it ignores a few blown-up entries.
+    """
+    difference = (values.double() - reference.double()).abs().median()
+    return float(difference / reference.double().abs().median())
+
+
 def groundtruth_change(delta: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Largest change of the ground truth, relative to the mean and largest leave-one-out effect."""
+    """Measure the largest change of the ground truth, also relative to the mean and largest effect."""
     difference = float((delta.double() - reference.double()).abs().max())
     return {
         "groundtruth_max_abs_change": difference,
@@ -112,19 +124,19 @@ def groundtruth_change(delta: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def cast_trajectory(trajectory: Trajectory, dtype: torch.dtype) -> Trajectory:
-    """The same recorded run, read (and replayed) in ``dtype``."""
+    """Return the same recorded run, read (and replayed) in ``dtype``."""
     return dataclasses.replace(trajectory, dtype=dtype)
 
 
 def sparse_trajectory(trajectory: Trajectory, every: int) -> Trajectory:
-    """The run with only every ``every``-th checkpoint kept; the sweeps replay the steps between."""
+    """Keep every ``every``-th checkpoint only, so that the sweeps replay the steps in between."""
     steps = checkpoint_steps(trajectory.num_steps, every)
     states = {step: trajectory.state(step) for step in steps}
     return dataclasses.replace(trajectory, checkpoint_every=every, states=states, directory=None)
 
 
 def nearest_state_trajectory(trajectory: Trajectory, every: int) -> Trajectory:
-    """A run that keeps every ``every``-th checkpoint and reuses the nearest one for each step.
+    """Keep every ``every``-th checkpoint and reuse the nearest one for each step.
 
     Every step t is replayed from the stored state nearest to t - 1 (ties go to the earlier
     one), with its step counter set to t - 1 so that the bias corrections stay right. Nothing
@@ -148,7 +160,7 @@ def nearest_state_trajectory(trajectory: Trajectory, every: int) -> Trajectory:
 
 
 def precision_rows(experiment, trajectory: Trajectory, reference: Reference) -> list[dict]:
-    """float32 for everything, for the ground truth only and for influence only."""
+    """Compare float32 for everything, for the ground truth only and for influence only."""
     from attrbench.pipeline import groundtruth_for, influence_for, train_stage_for
 
     cfg = experiment.config
@@ -179,7 +191,7 @@ def precision_rows(experiment, trajectory: Trajectory, reference: Reference) -> 
 
 
 def storage_row(experiment, trajectory: Trajectory, reference: Reference, dtype_name: str) -> dict:
-    """AdamW-influence on the run's checkpoints stored in ``dtype_name`` and read back."""
+    """Run AdamW-influence on the run's checkpoints stored in ``dtype_name`` and read back."""
     if dtype_name not in DTYPES:
         raise ValueError(f"analysis.storage_dtypes contains {dtype_name!r}; use some of {', '.join(DTYPES)}")
     cfg = experiment.config
@@ -197,7 +209,7 @@ def storage_row(experiment, trajectory: Trajectory, reference: Reference, dtype_
 
 
 def checkpoint_rows(experiment, trajectory: Trajectory, reference: Reference, spacings: list[int]) -> list[dict]:
-    """A checkpoint every k steps: exact recomputation against nearest-state reuse."""
+    """Compare a checkpoint every k steps with exact recomputation and with nearest-state reuse."""
     cfg = experiment.config
     rows = []
     for every in spacings:
@@ -215,7 +227,7 @@ def checkpoint_rows(experiment, trajectory: Trajectory, reference: Reference, sp
 
 
 def noise_floor_rows(experiment, trajectory: Trajectory, reference: Reference, chunk_size: int) -> list[dict]:
-    """Ground-truth reruns in float64 and float32, and a repeated training run."""
+    """Rerun the ground truth in float64 and float32, and repeat the training run."""
     from attrbench.pipeline import train_stage_for
 
     cfg = experiment.config
@@ -281,8 +293,8 @@ def _influence(task: Task, data, trajectory: Trajectory, cfg):
 
 
 def _experiment_with(experiment, **overrides):
-    """The experiment rebuilt from its config with top-level keys replaced (for example the dtype)."""
+    """Rebuild the experiment from its config with top-level keys replaced and no analysis."""
     from attrbench.experiment import build_experiment
 
-    cfg = OmegaConf.merge(experiment.config, overrides)
+    cfg = OmegaConf.merge(experiment.config, {**overrides, "analysis": None})
     return build_experiment(cfg)

@@ -18,7 +18,7 @@ along the recorded run, without retraining. With ``Phi_t`` the update of step t,
     x'_t  = J_t x'_{t-1} + dPhi_t/dalpha
     x''_t = J_t x''_{t-1} + D2Phi_t[(x'_{t-1}, 1), (x'_{t-1}, 1)]
 
-per sample and step, without retraining. The batch gradient's tangents come from one nested
+for each attributed sample. The batch gradient's tangents come from one nested
 ``jvp`` of the model along ``theta_{t-1} + e theta'_{t-1} + e^2 theta''_{t-1} / 2`` with weights
 ``w(e)``, and the optimizer step's from its closed form (:mod:`attrbench.influence.tangents`). The
 second derivative therefore contains every second-order source of the real update: the loss's

@@ -1,6 +1,6 @@
 """Forward tangents along a recorded run: the building blocks of the second-order method and proxy.
 
-A tangent pair ``(x', x'')`` holds the first and second derivatives of the optimizer state
+A tangent pair ``(x', x'')`` contains the first and second derivatives of the optimizer state
 ``x = (theta, m, v)`` along a path parameter e. :func:`optimizer_tangents` returns the
 optimizer's step for such pairs in closed form. The step is elementwise, so whole ``[M, P]``
 stacks of tangents go through it at once. The model-dependent parts (the batch gradient and
@@ -25,7 +25,7 @@ TangentStep = Callable[..., tuple[Tangents, Tangents]]
 
 
 def optimizer_tangents(optimizer: OptimizerSpec) -> TangentStep:
-    """The optimizer step acting on tangents, in closed form.
+    """Build the optimizer step that acts on tangents, in closed form.
 
     The returned function is ``step(before, gradient, step, lr, first, second, g1, g2)``:
     ``before`` is the state before the update (``theta``, ``exp_avg``, ``exp_avg_sq``, each
@@ -105,7 +105,7 @@ def forward_records(
 ) -> Iterator[tuple[dict[str, torch.Tensor], StepRecord]]:
     """Yield ``(state before step t, record of step t)`` for every step after ``start``, in order.
 
-    The state holds ``theta``, ``exp_avg`` and ``exp_avg_sq`` (zeros before AdamW's first step).
+    The state contains ``theta``, ``exp_avg`` and ``exp_avg_sq`` (zeros before AdamW's first step).
     Each segment between stored checkpoints is replayed from its own checkpoint, as in the
     reverse sweeps.
     """
