@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "error_summary.csv"
 CELL = ["lr", "num_steps"]
-QUANTITIES = ["measured_error", "second_order_term", "proxy", "spearman_first_order", "spearman_second_order"]
-PREDICTORS = {"second_order_term": "exact second-order term", "proxy": "closed-form proxy"}
+QUANTITIES = ["measured_error", "second_order_term", "second_order_residual", "proxy", "proxy_optimizer_term",
+              "proxy_curvature_term", "spearman_first_order", "spearman_second_order", "spearman_error_proxy"]
+PREDICTORS = {
+    "second_order_term": "exact second-order term",
+    "proxy": "closed-form proxy",
+    "proxy_optimizer_term": "proxy, optimizer term only",
+    "proxy_curvature_term": "proxy, curvature term only",
+}
 
 
 def collect_error_summaries(sweep_dir: str | Path) -> pd.DataFrame:
@@ -55,7 +61,7 @@ def collect_error_summaries(sweep_dir: str | Path) -> pd.DataFrame:
 def error_grid(summaries: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds for each (learning rate, number of steps) cell."""
     grouped = summaries.groupby(CELL)
-    table = grouped[QUANTITIES].agg(["mean", "std"])
+    table = grouped[[column for column in QUANTITIES if column in summaries]].agg(["mean", "std"])
     table.columns = [f"{name}_{statistic}" for name, statistic in table.columns]
     table["seeds"] = grouped["seed"].nunique()
     return table.reset_index()
@@ -63,9 +69,10 @@ def error_grid(summaries: pd.DataFrame) -> pd.DataFrame:
 
 def grid_correlations(summaries: pd.DataFrame) -> pd.DataFrame:
     """Spearman of the measured error with each predictor, across runs and across seed-averaged cells."""
-    cells = summaries.groupby(CELL)[list(PREDICTORS) + ["measured_error"]].mean()
+    predictors = {column: label for column, label in PREDICTORS.items() if column in summaries}
+    cells = summaries.groupby(CELL)[list(predictors) + ["measured_error"]].mean()
     rows = []
-    for column, label in PREDICTORS.items():
+    for column, label in predictors.items():
         rows.append({
             "predictor": label,
             "spearman_across_runs": _spearman(summaries.measured_error, summaries[column]),
@@ -79,10 +86,11 @@ def grid_correlations(summaries: pd.DataFrame) -> pd.DataFrame:
 
 def plot_error_grid(summaries: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Plot error against the learning rate and against the number of steps (two log-log panels)."""
-    cells = summaries.groupby(CELL)[list(PREDICTORS) + ["measured_error"]].mean().reset_index()
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"measured_error": ("-", "o", "measured"), "second_order_term": (":", "s", "second-order term"),
-              "proxy": ("--", "^", "proxy")}
+              "proxy": ("--", "^", "proxy"), "proxy_optimizer_term": ("-.", "v", "proxy, optimizer term")}
+    styles = {column: style for column, style in styles.items() if column in summaries}
+    cells = summaries.groupby(CELL)[list(styles)].mean().reset_index()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, (x, line_key, x_label) in zip(
         axes, (("lr", "num_steps", "learning rate"), ("num_steps", "lr", "number of steps T"))
     ):
@@ -100,7 +108,7 @@ def plot_error_grid(summaries: pd.DataFrame, path: str | Path, title: str = "") 
         axis.legend(fontsize=7, loc="best")
     legend = [plt.Line2D([], [], color="0.3", linestyle=style, marker=marker, label=name)
               for style, marker, name in styles.values()]
-    figure.legend(handles=legend, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    figure.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=8, frameon=False)
     if title:
         figure.suptitle(title, fontsize=10, y=0.02, va="bottom")
     figure.tight_layout(rect=(0, 0.04, 1, 0.93))
