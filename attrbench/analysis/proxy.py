@@ -126,6 +126,8 @@ def error_proxy(
     third = third_derivative(task, probe_batch, final_theta, tangents[1])
     # A typical coordinate's response, not the elementwise one: in coordinates whose v is tiny the
     # frozen response grows like 1/eps, which the real run's curvature feedback prevents.
+    # NOTE: without that feedback Lambda grows like lr * (T - t_j) without bound, so this term
+    # overshoots by orders of magnitude once lr * (T - t_j) is large (MNIST MLP at lr 1e-2).
     typical_response = response.median(dim=1).values.unsqueeze(1)
     curvature_first, _ = loss_path_derivatives(
         task, test_data, final_theta, typical_response * third, torch.zeros_like(third)

@@ -57,6 +57,7 @@ def run_system_study(experiment, trajectory, train_stage, delta: torch.Tensor, r
     reference_scores, reference_stage = influence_for(experiment, trajectory, train_stage, METHOD)
     reference = Reference(experiment.samples, delta, reference_scores.predicted_delta(cfg.groundtruth.removal))
 
+    # The reference row's time is AdamW-influence's, like the storage and checkpoint rows.
     rows = [reference.row("reference", "float64 training, ground truth and influence", reference.predicted,
                           delta, reference_stage.record()["elapsed_seconds"])]
     rows += precision_rows(experiment, trajectory, reference)
@@ -66,7 +67,7 @@ def run_system_study(experiment, trajectory, train_stage, delta: torch.Tensor, r
     table = pd.DataFrame(rows)
     # Most changes are orders of magnitude apart, so the Markdown table uses significant digits.
     write_text(run_dir / f"{TABLE}.csv", table.to_csv(index=False))
-    write_text(run_dir / f"{TABLE}.md", format_markdown(table, floatfmt=".3g"))
+    write_text(run_dir / f"{TABLE}.md", format_markdown(table, floatfmt=".4g"))
     return table
 
 
@@ -167,13 +168,13 @@ def precision_rows(experiment, trajectory: Trajectory, reference: Reference) -> 
     single = _experiment_with(experiment, dtype="float32")
     rows = []
 
-    start = time.perf_counter()
     trajectory32, stage32 = train_stage_for(single)
-    delta32, _ = groundtruth_for(single, trajectory32, stage32)
-    scores32, _ = influence_for(single, trajectory32, stage32, METHOD)
+    delta32, groundtruth_stage = groundtruth_for(single, trajectory32, stage32)
+    scores32, influence_stage = influence_for(single, trajectory32, stage32, METHOD)
+    # The stages may come from the cache, so their recorded times stand for this variant's time.
+    seconds = sum(stage.record()["elapsed_seconds"] for stage in (stage32, groundtruth_stage, influence_stage))
     rows.append(reference.row("precision", "float32 training, ground truth and influence",
-                              scores32.predicted_delta(cfg.groundtruth.removal), delta32,
-                              time.perf_counter() - start))
+                              scores32.predicted_delta(cfg.groundtruth.removal), delta32, seconds))
 
     as_single = cast_trajectory(trajectory, torch.float32)
     start = time.perf_counter()
