@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from attrbench.analysis import run_analysis
 from attrbench.evaluation.metrics import rowwise_correlations, summarize
 from attrbench.evaluation.plots import plot_scatter, plot_spearman_bars
 from attrbench.evaluation.report import format_markdown, write_table
@@ -74,6 +75,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     for method in cfg.influence.methods:
         influence[method] = _timed(timings, method, influence_for, experiment, trajectory, stages, method)
     table = _timed(timings, "evaluation", evaluation_for, experiment, groundtruth, influence, stages, run_dir)
+    if cfg.get("analysis") is not None:
+        _timed(timings, "analysis", run_analysis, experiment, trajectory, stages, groundtruth, run_dir)
     timings["total"] = time.perf_counter() - started
     _write_run_summary(run_dir, experiment, table, timings, stages, [])
     print(f"\n{experiment.description}\n{format_markdown(table)}")

@@ -12,8 +12,6 @@ import importlib
 import logging
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 # name -> "module:function"; modules are imported on use because they import the pipeline.
@@ -52,14 +50,15 @@ def check_analysis(cfg) -> None:
             raise ValueError(f"analysis.proxy.curvature_batch_size={proxy.get('curvature_batch_size')} must be at least 1")
 
 
-def run_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_dir: str | Path) -> None:
+def run_analysis(experiment, trajectory, stages: dict, groundtruth, run_dir: str | Path) -> None:
     """Run the analysis that ``cfg.analysis.name`` selects, if any, and write its tables into ``run_dir``.
 
     Args:
         experiment: The run's :class:`~attrbench.experiment.Experiment`.
         trajectory: Its recorded trajectory.
-        train_stage: The training stage, whose key downstream stages extend.
-        delta: ``[Q, M]`` leave-one-out ground truth for ``experiment.samples``.
+        stages: The pipeline's stages by name; an analysis adds the stages it opens.
+        groundtruth: The merged leave-one-out ground truth
+            (:class:`~attrbench.groundtruth.shards.MergedGroundTruth`).
 
     Raises:
         ValueError: If ``analysis.name`` is not one of :data:`ANALYSES`.
@@ -72,4 +71,4 @@ def run_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_d
     module_name, function_name = ANALYSES[name].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     log.info("analysis %s: starting", name)
-    function(experiment, trajectory, train_stage, delta, Path(run_dir))
+    function(experiment, trajectory, stages, groundtruth, Path(run_dir))

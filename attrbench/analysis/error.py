@@ -16,7 +16,6 @@ correlation with it across samples and the ratio of their totals to its total.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,9 @@ from attrbench.analysis.proxy import ProxyTerms, error_proxy
 from attrbench.evaluation.metrics import rowwise_correlations
 from attrbench.evaluation.report import format_markdown
 from attrbench.io import load_tensors, save_tensors, write_text
-from attrbench.stages import Stage, config_key, open_stage
+from attrbench.groundtruth.shards import samples_key
+from attrbench.stages import open_stage
+from attrbench.tasks import select
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,23 @@ SUMMARY_TABLE = "error_summary"
 PROXY_VERSION = 1
 
 
-def run_error_analysis(experiment, trajectory, train_stage, delta: torch.Tensor, run_dir: Path) -> pd.DataFrame:
-    """Compute the per-sample error table and the run summary and write both into ``run_dir``."""
-    from attrbench.pipeline import influence_for
+def run_error_analysis(experiment, trajectory, stages: dict, groundtruth, run_dir: Path) -> pd.DataFrame:
+    """Compute the per-sample error table and the run summary and write both into ``run_dir``.
 
-    scores, second_order_stage = influence_for(experiment, trajectory, train_stage, "second_order")
-    if not torch.equal(scores.samples, experiment.samples):
+    Only the scored test functions (``evaluation.num_scored``) enter, as in the Spearman table.
+    """
+    from attrbench.pipeline import influence_for, num_scored
+
+    scored = num_scored(experiment)
+    delta = groundtruth.delta[:scored]
+    scores = influence_for(experiment, trajectory, stages, "second_order")
+    if not torch.equal(scores.samples, groundtruth.samples):
         raise RuntimeError("second_order scores cover other samples than the ground truth; clear the cache entry")
-    proxy, proxy_stage = proxy_for(experiment, trajectory, train_stage)
-    first_steps = trajectory.batches.first_steps(experiment.samples)
+    proxy = proxy_for(experiment, trajectory, stages, scored)
+    first_steps = trajectory.batches.first_steps(groundtruth.samples)
     per_sample = sample_errors(
         delta.numpy(), scores.first_derivative.numpy(), scores.second_order_term.numpy(), proxy,
-        experiment.samples.numpy(), first_steps.numpy(),
+        groundtruth.samples.numpy(), first_steps.numpy(),
     )
     cfg = experiment.config
     run = {
@@ -61,10 +67,10 @@ def run_error_analysis(experiment, trajectory, train_stage, delta: torch.Tensor,
         "seed": int(cfg.seed),
         "dtype": cfg.dtype,
         "removal": cfg.groundtruth.removal,
-        "num_samples": len(experiment.samples),
+        "num_samples": len(groundtruth.samples),
         "num_test": int(delta.shape[0]),
-        "second_order_seconds": second_order_stage.record()["elapsed_seconds"],
-        "proxy_seconds": proxy_stage.record()["elapsed_seconds"],
+        "second_order_seconds": stages["second_order"].record()["elapsed_seconds"],
+        "proxy_seconds": stages["error_proxy"].record()["elapsed_seconds"],
     }
     summary = summarize_errors(
         delta.numpy(), scores.first_derivative.numpy(), scores.second_order_term.numpy(),
@@ -82,33 +88,43 @@ def run_error_analysis(experiment, trajectory, train_stage, delta: torch.Tensor,
     return summary
 
 
-def proxy_for(experiment, trajectory, train_stage) -> tuple[ProxyTerms, Stage]:
-    """Load or compute the attributed samples' proxy terms, cached in a stage like the pipeline's."""
+def proxy_for(experiment, trajectory, stages: dict, scored: int) -> ProxyTerms:
+    """Load or compute the attributed samples' proxy terms, cached in a stage like the pipeline's.
+
+    The stage is added to ``stages`` as ``error_proxy``.
+    """
+    from attrbench.pipeline import trajectory_sha256
+
     cfg = experiment.config
     options = cfg.analysis.get("proxy", {}) or {}
     batch_size = int(options.get("curvature_batch_size", 256))
     config = {
-        "train": train_stage.key,
-        "samples": config_key({"samples": experiment.samples.tolist()}),
+        "train": stages["train"].key,
+        "trajectory": trajectory_sha256(trajectory),
+        "samples": samples_key(experiment.samples),
         "removal": cfg.groundtruth.removal,
+        "num_scored": scored,
         "curvature_batch_size": batch_size,
         "seed": int(cfg.seed),
         "version": PROXY_VERSION,
     }
-    stage = open_stage(cfg.cache_dir, "analysis/error_proxy", config)
+    stage = stages["error_proxy"] = open_stage(cfg.cache_dir, "analysis/error_proxy", config)
     path = stage.directory / "proxy.safetensors"
-    if stage.is_complete():
-        log.info("error proxy: reusing %s", path)
-        return ProxyTerms.from_tensors(load_tensors(path)), stage
+    with stage.lock():
+        if stage.is_complete():
+            log.info("error proxy: reusing %s", path)
+            stage.status = "reused"
+            return ProxyTerms.from_tensors(load_tensors(path))
 
-    start = time.perf_counter()
-    proxy = error_proxy(
-        experiment.task, experiment.data.train, experiment.data.test, trajectory, experiment.samples,
-        cfg.groundtruth.removal, batch_size, int(cfg.seed), experiment.device, cfg.progress,
-    )
-    digest = save_tensors(path, proxy.to_tensors())
-    stage.complete({"proxy.safetensors": digest}, time.perf_counter() - start)
-    return proxy, stage
+        stage.begin()
+        proxy = error_proxy(
+            experiment.task, experiment.data.train, select(experiment.data.test, slice(0, scored)), trajectory,
+            experiment.samples, cfg.groundtruth.removal, batch_size, int(cfg.seed), experiment.device, cfg.progress,
+        )
+        digest = save_tensors(path, proxy.to_tensors())
+        stage.complete({"proxy.safetensors": digest})
+        stage.status = "computed"
+        return proxy
 
 
 def sample_errors(

@@ -38,7 +38,7 @@ from attrbench.groundtruth.loo import leave_one_out
 from attrbench.influence import compute_influence
 from attrbench.influence.adamw import AdamWInfluence
 from attrbench.io import write_text
-from attrbench.tasks import Batch, Task
+from attrbench.tasks import Batch, Task, select
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, Trajectory, checkpoint_steps
 
@@ -48,19 +48,24 @@ TABLE = "system"
 METHOD = "adamw_influence"
 
 
-def run_system_study(experiment, trajectory, train_stage, delta: torch.Tensor, run_dir: Path) -> pd.DataFrame:
-    """Run every comparison of the module docstring and write ``system.csv`` and ``system.md``."""
-    from attrbench.pipeline import influence_for
+def run_system_study(experiment, trajectory, stages: dict, groundtruth, run_dir: Path) -> pd.DataFrame:
+    """Run every comparison of the module docstring and write ``system.csv`` and ``system.md``.
+
+    Only the scored test functions (``evaluation.num_scored``) enter, as in the Spearman table.
+    """
+    from attrbench.pipeline import influence_for, num_scored
 
     cfg = experiment.config
     options = cfg.analysis
-    reference_scores, reference_stage = influence_for(experiment, trajectory, train_stage, METHOD)
-    reference = Reference(experiment.samples, delta, reference_scores.predicted_delta(cfg.groundtruth.removal))
+    scored = num_scored(experiment)
+    reference_scores = influence_for(experiment, trajectory, stages, METHOD)
+    reference = Reference(groundtruth.samples, groundtruth.delta[:scored],
+                          reference_scores.predicted_delta(cfg.groundtruth.removal), scored)
 
     # The reference row's time is AdamW-influence's, like the storage and checkpoint rows.
     rows = [reference.row("reference", "float64 training, ground truth and influence", reference.predicted,
-                          delta, reference_stage.record()["elapsed_seconds"])]
-    rows += precision_rows(experiment, trajectory, reference)
+                          reference.delta, stages[METHOD].record()["elapsed_seconds"])]
+    rows += precision_rows(experiment, trajectory, reference, run_dir)
     rows += [storage_row(experiment, trajectory, reference, name) for name in options.storage_dtypes]
     rows += checkpoint_rows(experiment, trajectory, reference, list(options.checkpoint_every))
     rows += noise_floor_rows(experiment, trajectory, reference, int(options.noise_floor_chunk_size))
@@ -78,6 +83,11 @@ class Reference:
     samples: torch.Tensor
     delta: torch.Tensor
     predicted: torch.Tensor
+    scored: int
+
+    def test_data(self, experiment) -> Batch:
+        """The scored test functions of ``experiment`` (the first ``scored``)."""
+        return select(experiment.data.test, slice(0, self.scored))
 
     def row(self, study: str, variant: str, predicted: torch.Tensor | None, delta: torch.Tensor,
             seconds: float, **extra) -> dict:
@@ -160,7 +170,7 @@ def nearest_state_trajectory(trajectory: Trajectory, every: int) -> Trajectory:
     return dataclasses.replace(trajectory, checkpoint_every=1, states=states, directory=None)
 
 
-def precision_rows(experiment, trajectory: Trajectory, reference: Reference) -> list[dict]:
+def precision_rows(experiment, trajectory: Trajectory, reference: Reference, run_dir: Path) -> list[dict]:
     """Compare float32 for everything, for the ground truth only and for influence only."""
     from attrbench.pipeline import groundtruth_for, influence_for, train_stage_for
 
@@ -168,23 +178,25 @@ def precision_rows(experiment, trajectory: Trajectory, reference: Reference) -> 
     single = _experiment_with(experiment, dtype="float32")
     rows = []
 
-    trajectory32, stage32 = train_stage_for(single)
-    delta32, groundtruth_stage = groundtruth_for(single, trajectory32, stage32)
-    scores32, influence_stage = influence_for(single, trajectory32, stage32, METHOD)
+    stages32: dict = {}
+    trajectory32 = train_stage_for(single, stages32)
+    groundtruth32, _ = groundtruth_for(single, trajectory32, stages32, run_dir)
+    scores32 = influence_for(single, trajectory32, stages32, METHOD)
     # The stages may come from the cache, so their recorded times stand for this variant's time.
-    seconds = sum(stage.record()["elapsed_seconds"] for stage in (stage32, groundtruth_stage, influence_stage))
+    seconds = sum(stage.record()["elapsed_seconds"] for stage in stages32.values())
     rows.append(reference.row("precision", "float32 training, ground truth and influence",
-                              scores32.predicted_delta(cfg.groundtruth.removal), delta32, seconds))
+                              scores32.predicted_delta(cfg.groundtruth.removal),
+                              groundtruth32.delta[: reference.scored], seconds))
 
     as_single = cast_trajectory(trajectory, torch.float32)
     start = time.perf_counter()
-    delta = leave_one_out(single.task, single.data.train, single.data.test, as_single, experiment.samples,
-                          cfg.groundtruth.removal, cfg.groundtruth.chunk_size, cfg.progress)
+    delta = leave_one_out(single.task, single.data.train, reference.test_data(single), as_single,
+                          reference.samples, cfg.groundtruth.removal, cfg.groundtruth.chunk_size, cfg.progress)
     rows.append(reference.row("precision", "float32 ground truth on the float64 run", reference.predicted,
                               delta, time.perf_counter() - start))
 
     start = time.perf_counter()
-    scores = _influence(single.task, single.data, as_single, cfg)
+    scores = _influence(single, as_single, reference)
     rows.append(reference.row("precision", "float32 influence on the float64 run",
                               scores.predicted_delta(cfg.groundtruth.removal), reference.delta,
                               time.perf_counter() - start))
@@ -202,7 +214,7 @@ def storage_row(experiment, trajectory: Trajectory, reference: Reference, dtype_
         stored_bytes = sum(path.stat().st_size for path in Path(directory).rglob("*.safetensors"))
         stored = Trajectory.load(directory)
         start = time.perf_counter()
-        scores = _influence(experiment.task, experiment.data, stored, cfg)
+        scores = _influence(experiment, stored, reference)
         seconds = time.perf_counter() - start
     return reference.row("storage", f"checkpoints stored in {dtype_name}",
                          scores.predicted_delta(cfg.groundtruth.removal), reference.delta, seconds,
@@ -220,7 +232,7 @@ def checkpoint_rows(experiment, trajectory: Trajectory, reference: Reference, sp
         for variant, build in (("exact recomputation", sparse_trajectory),
                                ("nearest stored state", nearest_state_trajectory)):
             start = time.perf_counter()
-            scores = _influence(experiment.task, experiment.data, build(trajectory, every), cfg)
+            scores = _influence(experiment, build(trajectory, every), reference)
             rows.append(reference.row("checkpoints", f"every {every} steps, {variant}",
                                       scores.predicted_delta(cfg.groundtruth.removal), reference.delta,
                                       time.perf_counter() - start, stored_checkpoints=kept))
@@ -234,9 +246,9 @@ def noise_floor_rows(experiment, trajectory: Trajectory, reference: Reference, c
     cfg = experiment.config
     rows = []
     single = _experiment_with(experiment, dtype="float32")
-    trajectory32, _ = train_stage_for(single)
+    trajectory32 = train_stage_for(single, {})
     for exp, run in ((experiment, trajectory), (single, trajectory32)):
-        for result in noise_floor(exp.task, exp.data.train, exp.data.test, run, experiment.samples,
+        for result in noise_floor(exp.task, exp.data.train, reference.test_data(exp), run, reference.samples,
                                   cfg.groundtruth.removal, cfg.groundtruth.chunk_size, chunk_size):
             rows.append({"study": "noise floor", **result})
 
@@ -288,14 +300,20 @@ def noise_floor(
     return rows
 
 
-def _influence(task: Task, data, trajectory: Trajectory, cfg):
-    return compute_influence(AdamWInfluence(), task, data.train, data.test, trajectory,
+def _influence(experiment, trajectory: Trajectory, reference: Reference):
+    """AdamW-influence of ``trajectory`` for the scored test functions, with ``experiment``'s task and data."""
+    cfg = experiment.config
+    return compute_influence(AdamWInfluence(), experiment.task, experiment.data.train,
+                             reference.test_data(experiment), trajectory,
                              query_chunk_size=cfg.influence.query_chunk_size, progress=cfg.progress)
 
 
 def _experiment_with(experiment, **overrides):
-    """Rebuild the experiment from its config with top-level keys replaced and no analysis."""
+    """Rebuild the experiment from its config with top-level keys replaced and no analysis.
+
+    The rebuilt experiment computes every ground-truth shard itself.
+    """
     from attrbench.experiment import build_experiment
 
-    cfg = OmegaConf.merge(experiment.config, {**overrides, "analysis": None})
+    cfg = OmegaConf.merge(experiment.config, {**overrides, "analysis": None, "groundtruth": {"shard": None}})
     return build_experiment(cfg)
