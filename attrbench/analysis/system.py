@@ -228,14 +228,14 @@ def checkpoint_rows(experiment, trajectory: Trajectory, reference: Reference, sp
     for every in spacings:
         if every < 1:
             raise ValueError(f"analysis.checkpoint_every contains {every}; every spacing must be at least 1")
-        kept = len(checkpoint_steps(trajectory.num_steps, every))
+        stored_count = len(checkpoint_steps(trajectory.num_steps, every))
         for variant, build in (("exact recomputation", sparse_trajectory),
                                ("nearest stored state", nearest_state_trajectory)):
             start = time.perf_counter()
             scores = _influence(experiment, build(trajectory, every), reference)
             rows.append(reference.row("checkpoints", f"every {every} steps, {variant}",
                                       scores.predicted_delta(cfg.groundtruth.removal), reference.delta,
-                                      time.perf_counter() - start, stored_checkpoints=kept))
+                                      time.perf_counter() - start, stored_checkpoints=stored_count))
     return rows
 
 
