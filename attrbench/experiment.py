@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attrbench.analysis import check_analysis
 from attrbench.causal_lm import causal_lm_loss
 from attrbench.data import DataSplits
 from attrbench.groundtruth.loo import check_removal
@@ -87,6 +88,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.optimizer.lr <= 0:
         raise ValueError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
     OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    check_analysis(cfg)
 
 
 def resolve_device(name: str) -> torch.device:

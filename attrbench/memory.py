@@ -359,8 +359,16 @@ def optimizer_state_slots(optimizer: OptimizerSpec, dtype: torch.dtype) -> int:
 
 
 def adjoint_state_slots(method: str) -> int:
-    """Count the parameter-sized adjoint tensors per test function (SGD-influence: 1, AdamW: 3)."""
-    return len(build_method(method).initial_adjoint(torch.zeros(1, 1)))
+    """Count the parameter-sized adjoint tensors per test function (SGD-influence: 1, AdamW: 3).
+
+    Forward-tangent methods such as ``second_order`` keep no adjoint and count 0.
+    """
+    built = build_method(method)
+    if built.needs_samples:
+        # NOTE: second_order's own tangents (6 x influence.sample_chunk_size parameter vectors)
+        # are not in the plan.
+        return 0
+    return len(built.initial_adjoint(torch.zeros(1, 1)))
 
 
 def batch_bytes(data: Batch) -> int:

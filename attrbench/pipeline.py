@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from attrbench.analysis import run_analysis
 from attrbench.evaluation.metrics import rowwise_correlations, summarize
 from attrbench.evaluation.plots import plot_scatter, plot_spearman_bars
 from attrbench.evaluation.report import format_markdown, write_table
@@ -30,7 +31,7 @@ from attrbench.groundtruth.shards import (
     MergedGroundTruth, MissingShardsError, Shard, ShardIdentity, check_sharding, merge_shards, plan_chunks,
     samples_key, shard_chunk_ids, shard_file_name,
 )
-from attrbench.influence import InfluenceScores, build_method, compute_influence
+from attrbench.influence import METHODS, InfluenceScores, build_method, compute_influence, load_scores
 from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_text
 from attrbench.memory import check_memory
 from attrbench.stages import Stage, config_key, copy_file, open_stage, suggest_on_out_of_memory
@@ -74,6 +75,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     for method in cfg.influence.methods:
         influence[method] = _timed(timings, method, influence_for, experiment, trajectory, stages, method)
     table = _timed(timings, "evaluation", evaluation_for, experiment, groundtruth, influence, stages, run_dir)
+    if cfg.get("analysis") is not None:
+        _timed(timings, "analysis", run_analysis, experiment, trajectory, stages, groundtruth, run_dir)
     timings["total"] = time.perf_counter() - started
     _write_run_summary(run_dir, experiment, table, timings, stages, [])
     print(f"\n{experiment.description}\n{format_markdown(table)}")
@@ -257,35 +260,53 @@ def num_scored(experiment: Experiment) -> int:
 
 
 def influence_for(experiment: Experiment, trajectory: Trajectory, stages: dict[str, Stage], name: str):
-    """Influence scores of one method for every scored test function and training sample."""
+    """Influence scores of one method for every scored test function and training sample.
+
+    A method that scores only the attributed samples gets them and the removal semantics, and
+    both enter its stage key.
+    """
     cfg = experiment.config
     scored = num_scored(experiment)
+    method = build_method(name, **method_options(cfg, name))
     config = {"train": stages["train"].key, "trajectory": trajectory_sha256(trajectory), "method": name}
     if scored < experiment.data.num_test:
         config["num_scored"] = scored
+    if method.needs_samples:
+        config["samples"] = samples_key(experiment.samples)
+        config["removal"] = cfg.groundtruth.removal
     stage = stages[name] = open_stage(cfg.cache_dir, f"influence/{name}", config)
     path = stage.directory / "scores.safetensors"
     with stage.lock():
         if stage.is_complete():
             log.info("%s: reusing %s", name, path)
             stage.status = "reused"
-            tensors = load_tensors(path)
-            return InfluenceScores(tensors["derivative"], tensors["renormalize_correction"])
+            return load_scores(load_tensors(path))
 
         stage.begin()
         advice = (f"Lower influence.query_chunk_size (now {cfg.influence.query_chunk_size} test points per "
                   f"reverse sweep), for example influence.query_chunk_size={max(1, cfg.influence.query_chunk_size // 2)}.")
+        if method.needs_samples:
+            size = method.sample_chunk_size
+            advice = (f"Lower influence.sample_chunk_size (now {size} samples whose tangents are propagated "
+                      f"together), for example influence.sample_chunk_size={max(1, size // 2)}.")
         with suggest_on_out_of_memory(name, advice):
             scores = compute_influence(
-                build_method(name), experiment.task, experiment.data.train,
+                method, experiment.task, experiment.data.train,
                 select(experiment.data.test, slice(0, scored)), trajectory,
                 query_chunk_size=cfg.influence.query_chunk_size, device=experiment.device, progress=cfg.progress,
+                samples=experiment.samples, removal=cfg.groundtruth.removal,
             )
-        digest = save_tensors(path, {"derivative": scores.derivative,
-                                     "renormalize_correction": scores.renormalize_correction})
+        digest = save_tensors(path, scores.to_tensors())
         stage.complete({"scores.safetensors": digest})
         stage.status = "computed"
         return scores
+
+
+def method_options(cfg: DictConfig, name: str) -> dict:
+    """Constructor options of influence method ``name`` from the config."""
+    if name in METHODS and METHODS[name].needs_samples:
+        return {"sample_chunk_size": cfg.influence.get("sample_chunk_size", 64)}
+    return {}
 
 
 def evaluation_for(experiment: Experiment, groundtruth: MergedGroundTruth, influence: dict[str, InfluenceScores],

@@ -39,6 +39,9 @@ class InfluenceMethod(ABC):
     """One optimizer's adjoint recurrence."""
 
     name: str = ""
+    # False: the method scores every training sample with one reverse sweep per chunk of test
+    # functions. :class:`SampleInfluenceMethod` sets it to True.
+    needs_samples: bool = False
 
     def check_optimizer(self, optimizer: OptimizerSpec) -> None:
         """Raise ValueError if the method cannot be applied to runs of this optimizer."""
@@ -63,6 +66,34 @@ class InfluenceMethod(ABC):
         """
 
 
+class SampleInfluenceMethod(ABC):
+    """A method that scores only the given attributed samples (forward mode, one chain per sample).
+
+    :func:`compute_influence` passes it the attributed samples and the removal semantics, which
+    such a method needs because it follows each sample's removal path directly.
+    """
+
+    name: str = ""
+    needs_samples: bool = True
+
+    def check_optimizer(self, optimizer: OptimizerSpec) -> None:
+        """Raise ValueError if the method cannot be applied to runs of this optimizer."""
+
+    @abstractmethod
+    def compute(
+        self,
+        task: Task,
+        train_data: Batch,
+        test_data: Batch,
+        trajectory: Trajectory,
+        samples: torch.Tensor,
+        removal: str,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ):
+        """Return scores whose ``predicted_delta(removal)`` is ``[Q, N]`` (NaN outside ``samples``)."""
+
+
 @dataclass
 class InfluenceScores:
     """Derivatives of the test losses with respect to every training sample's weight.
@@ -83,9 +114,12 @@ class InfluenceScores:
             return -self.derivative + self.renormalize_correction
         raise ValueError(f"removal={removal!r} is not one of keep_denominator, renormalize")
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"derivative": self.derivative, "renormalize_correction": self.renormalize_correction}
+
 
 def compute_influence(
-    method: InfluenceMethod,
+    method: InfluenceMethod | SampleInfluenceMethod,
     task: Task,
     train_data: Batch,
     test_data: Batch,
@@ -93,9 +127,21 @@ def compute_influence(
     query_chunk_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> InfluenceScores:
-    """Run the method's reverse sweep for every test function, ``query_chunk_size`` at a time."""
+    samples: torch.Tensor | None = None,
+    removal: str = "keep_denominator",
+):
+    """Run the method's reverse sweep for every test function, ``query_chunk_size`` at a time.
+
+    A :class:`SampleInfluenceMethod` instead scores only ``samples`` along the ``removal`` path.
+
+    Raises:
+        ValueError: If the method needs ``samples`` and none are given.
+    """
     method.check_optimizer(trajectory.optimizer)
+    if method.needs_samples:
+        if samples is None:
+            raise ValueError(f"influence method {method.name!r} scores only the attributed samples; pass samples=")
+        return method.compute(task, train_data, test_data, trajectory, samples, removal, device, progress)
     if query_chunk_size < 1:
         raise ValueError(f"influence.query_chunk_size={query_chunk_size} must be at least 1")
     num_queries, num_train = num_samples(test_data), num_samples(train_data)
