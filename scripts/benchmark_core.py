@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200, help="removed training samples")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    parser.add_argument("--chunk-size", type=int, default=50, help="counterfactual runs per stack")
+    parser.add_argument("--chunk-size", type=int, default=100, help="counterfactual runs per stack")
     parser.add_argument("--query-chunk-size", type=int, default=100, help="test functions per sweep")
     arguments = parser.parse_args()
 
@@ -72,7 +72,7 @@ def main() -> None:
     task = Task(MLP().to(dtype), classification_loss)
     batches = BatchSchedule.shuffled(data.num_train, 64, 1, derive_seed(0, "batches"))
     lrs = learning_rates("constant", 1e-3, batches.num_steps)
-    optimizer = OptimizerSpec.from_config({"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95]})
+    optimizer = OptimizerSpec.from_config({"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95], "fused": True})
     samples = choose_samples(data.num_train, arguments.samples, 0)
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

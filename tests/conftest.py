@@ -52,14 +52,18 @@ def make_tiny_task(num_features: int = 6, seed: int = 0) -> Task:
     return Task(model, classification_loss)
 
 
-@pytest.fixture
-def tiny_problem():
-    """A multi-epoch AdamW run with weight decay, warmup-then-linear schedule and a dead feature."""
+@pytest.fixture(params=[False, True], ids=["per_op", "fused"])
+def tiny_problem(request):
+    """A multi-epoch AdamW run with weight decay, warmup-then-linear schedule and a dead feature.
+
+    It runs once with torch's per-op AdamW and once with its fused kernel (the shipped default).
+    """
     train, test = make_tiny_data()
     task = make_tiny_task()
     batches = BatchSchedule.shuffled(num_samples=23, batch_size=5, epochs=3, seed=1)
     lrs = learning_rates("linear", 0.05, batches.num_steps, warmup_ratio=0.2)
     optimizer = OptimizerSpec.from_config(
-        {"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+        {"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+         "fused": request.param}
     )
     return task, train, test, batches, lrs, optimizer

@@ -10,14 +10,15 @@ from attrbench.training.optim import OptimizerSpec, load_state, optimizer_step, 
 from attrbench.training.schedule import BatchSchedule, learning_rates
 
 
-def test_adamw_replica_matches_torch_over_many_steps():
+@pytest.mark.parametrize("fused", [False, True], ids=["per_op", "fused"])
+def test_adamw_replica_matches_torch_over_many_steps(fused):
     generator = torch.Generator().manual_seed(0)
     theta = torch.randn(50, dtype=torch.float64, generator=generator)
     theta[:5] = 0.0
     lrs = learning_rates("linear", 1e-2, 200, warmup_ratio=0.1)
     hyper = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     parameter = theta.clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([parameter], lr=lrs[0], foreach=False, **hyper)
+    optimizer = torch.optim.AdamW([parameter], lr=lrs[0], fused=fused, **hyper)
     replica = (theta.clone(), torch.zeros_like(theta), torch.zeros_like(theta))
 
     for step, lr in enumerate(lrs, start=1):

@@ -31,7 +31,7 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from attrbench.tasks import Batch, Task, select
-from attrbench.training.optim import load_state, optimizer_step, read_state
+from attrbench.training.optim import load_state, optimizer_step
 from attrbench.training.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,7 @@ def retrain_without(
     first_steps = trajectory.batches.first_steps(removed.cpu())
     if (first_steps <= start).any():
         raise ValueError(f"checkpoint {start} is after the first use of a removed sample; start earlier")
-    state = trajectory.state(start, device)
-    thetas = state["theta"].unsqueeze(0).clone().requires_grad_(True)
-    optimizer = trajectory.optimizer.build(thetas, lr=0.0)
-    load_state(optimizer, thetas, state)
+    stack = _ModelStack(trajectory, trajectory.state(start, device), capacity=len(removed) + 1)
     removed = removed.to(device)
     stacked_gradient = vmap(task.batch_gradient, in_dims=(0, None, 0, 0))
     rows: list[int] = []  # position in ``removed`` of stack rows 1, 2, ...
@@ -128,34 +125,67 @@ def retrain_without(
     for step in range(start + 1, trajectory.num_steps + 1):
         joining = (first_steps == step).nonzero().flatten().tolist()
         if joining:
-            thetas, optimizer = _add_rows(trajectory, thetas, optimizer, len(joining))
+            stack.add_copies_of_first_row(len(joining))
             rows += joining
         batch_index = trajectory.batches.batch(step).to(device)
-        weights = _removal_weights(batch_index, removed[rows], thetas.dtype)
+        weights = _removal_weights(batch_index, removed[rows], stack.theta.dtype)
         denominators = _denominators(weights, removal)
         with torch.no_grad():
-            gradients, losses = stacked_gradient(thetas.detach(), select(train_data, batch_index), weights, denominators)
+            gradients, losses = stacked_gradient(stack.theta.detach(), select(train_data, batch_index), weights,
+                                                 denominators)
         _check_finite(losses, weights, step, removed[rows])
-        optimizer_step(optimizer, thetas, gradients, trajectory.lrs[step - 1])
+        optimizer_step(stack.optimizer, stack.theta, gradients, trajectory.lrs[step - 1])
 
     with torch.no_grad():
-        test_losses = vmap(task.evaluate_losses, in_dims=(0, None))(thetas.detach(), test_data)
+        test_losses = vmap(task.evaluate_losses, in_dims=(0, None))(stack.theta.detach(), test_data)
     delta = torch.zeros(test_losses.shape[1], len(removed), dtype=test_losses.dtype, device=test_losses.device)
     delta[:, rows] = (test_losses[1:] - test_losses[0]).T
     return delta
 
 
-def _add_rows(trajectory: Trajectory, thetas: torch.Tensor, optimizer, count: int):
-    """Append ``count`` copies of row 0 (parameters and optimizer state) to the stack."""
-    state = read_state(optimizer, thetas)
-    grown = {
-        key: torch.cat([value, value[:1].expand(count, -1)]) if value.dim() == 2 else value
-        for key, value in state.items()
-    }
-    thetas = grown["theta"].clone().requires_grad_(True)
-    optimizer = trajectory.optimizer.build(thetas, lr=0.0)
-    load_state(optimizer, thetas, grown)
-    return thetas, optimizer
+class _ModelStack:
+    """A stack of models trained by one torch optimizer, with room to add rows.
+
+    The parameters and every optimizer-state tensor live in buffers with ``capacity`` rows. The
+    optimizer's parameter is the view of the first ``size`` rows, and its state tensors are views
+    of the same rows, so the optimizer updates the buffers in place. Adding rows copies row 0
+    into the next free rows and rebuilds the optimizer over the longer views; nothing else moves.
+    """
+
+    def __init__(self, trajectory: Trajectory, state: dict[str, torch.Tensor], capacity: int):
+        self.trajectory = trajectory
+        self.buffers = {
+            key: value.new_empty((capacity, *value.shape)) for key, value in state.items() if value.dim() > 0
+        }
+        for key, buffer in self.buffers.items():
+            buffer[0] = state[key]
+        self.size = 1
+        self.theta = self.buffers["theta"][:1].detach().requires_grad_(True)
+        self.optimizer = trajectory.optimizer.build(self.theta, lr=0.0)
+        load_state(self.optimizer, self.theta, state)  # sets the step counter as torch keeps it
+        self._use_buffers_as_state()
+
+    def add_copies_of_first_row(self, count: int) -> None:
+        state = self.optimizer.state[self.theta]
+        for key, value in state.items():  # state the optimizer created at its first step
+            if key not in self.buffers and torch.is_tensor(value) and value.dim() > 0:
+                self.buffers[key] = value.new_empty((self.buffers["theta"].shape[0], *value.shape[1:]))
+                self.buffers[key][: self.size] = value
+        step_counter = state.get("step")
+        for buffer in self.buffers.values():
+            buffer[self.size : self.size + count] = buffer[0]
+        self.size += count
+        self.theta = self.buffers["theta"][: self.size].detach().requires_grad_(True)
+        self.optimizer = self.trajectory.optimizer.build(self.theta, lr=0.0)
+        if step_counter is not None:
+            self.optimizer.state[self.theta]["step"] = step_counter
+        self._use_buffers_as_state()
+
+    def _use_buffers_as_state(self) -> None:
+        state = self.optimizer.state[self.theta]
+        for key, buffer in self.buffers.items():
+            if key != "theta":
+                state[key] = buffer[: self.size]
 
 
 def _removal_weights(batch_index: torch.Tensor, removed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -66,13 +66,12 @@ class OptimizerSpec:
     def build(self, theta: torch.Tensor, lr: float) -> torch.optim.Optimizer:
         """Construct the optimizer over the single tensor ``theta``.
 
-        The default is torch's per-op implementation (``foreach=False``). Its elementwise
-        results do not depend on where an entry sits in memory, so row m of a stack of models
-        ([M, P]) is bit-identical to a single model ([P]). Ground truth therefore does not
-        depend on how samples are grouped into stacks or shards. ``optimizer.fused: true`` selects the
-        fused kernel, which is faster on large stacks but rounds differently by position
-        (differences near 1e-16 relative); training, replay and retraining always use the same
-        choice.
+        Without ``fused`` in the config this is torch's per-op implementation
+        (``foreach=False``), whose elementwise results do not depend on where an entry sits in
+        memory: row m of a stack of models ([M, P]) is bit-identical to a single model ([P]).
+        The shipped configs set ``fused: true``, the one-pass kernel, which is faster on large
+        stacks but rounds differently by position (differences near 1e-16 relative). Training,
+        replay and retraining always use the same choice.
         """
         kwargs = dict(self.kwargs)
         if not kwargs.get("fused"):
