@@ -20,7 +20,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run_app(cfg: DictConfig) -> float | None:
-    """Run one experiment in the Hydra run directory; returns AdamW-influence's mean Spearman.
+    """Run one experiment in the Hydra run directory; return AdamW-influence's mean Spearman.
+
+    Without AdamW-influence in ``influence.methods``, the last method's mean Spearman is returned.
 
     A ground-truth shard job that did not evaluate, because other shards are unfinished, returns None.
     So does a failing sweep job, after writing ``failed.json``, so that the other jobs still run.
@@ -32,5 +34,6 @@ def run_app(cfg: DictConfig) -> float | None:
         table = run_experiment(cfg, output_dir)
         if table is None:  # a ground-truth shard job whose other shards are not finished yet
             return None
-        return float(table["spearman_mean"].iloc[-1])
+        methods = table.set_index("method")["spearman_mean"]
+        return float(methods.get("adamw_influence", methods.iloc[-1]))
     return None

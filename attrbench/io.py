@@ -22,7 +22,18 @@ def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    # mkstemp creates the file readable by its owner only; give it the permissions of open().
+    os.chmod(temporary, 0o666 & ~_UMASK)
     return Path(temporary)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _replace(temporary: Path, path: Path) -> None:

@@ -212,6 +212,7 @@ class RunSizes:
     num_test: int
     data_bytes: int
     sample_bytes: int
+    tangent_vectors: int = 0
 
     @classmethod
     def of(cls, experiment) -> RunSizes:
@@ -236,6 +237,7 @@ class RunSizes:
             num_test=data.num_test,
             data_bytes=batch_bytes(data.train) + batch_bytes(data.test),
             sample_bytes=activation_bytes_per_sample(task, data.train),
+            tangent_vectors=tangent_vectors(cfg, len(experiment.samples)),
         )
 
 
@@ -306,6 +308,9 @@ def plan_items(sizes: RunSizes) -> list[PlanItem]:
                  f"2 x {chunk} x {s.num_train:,} samples x {s.value_bytes} B",
                  ("influence.query_chunk_size",)),
     ]
+    if s.tangent_vectors:
+        items.append(PlanItem("influence", "second-order tangents", s.tangent_vectors * vector,
+                              f"{s.tangent_vectors} x {p}", ("influence.sample_chunk_size",)))
     return items
 
 
@@ -365,10 +370,19 @@ def adjoint_state_slots(method: str) -> int:
     """
     built = build_method(method)
     if built.needs_samples:
-        # NOTE: second_order's own tangents (6 x influence.sample_chunk_size parameter vectors)
-        # are not in the plan.
         return 0
     return len(built.initial_adjoint(torch.zeros(1, 1)))
+
+
+def tangent_vectors(cfg, num_samples: int) -> int:
+    """Count the parameter-sized tangents of the forward-tangent methods in ``influence.methods``.
+
+    ``second_order`` propagates first and second tangents of parameters and both moments, 6 vectors
+    for each of ``influence.sample_chunk_size`` samples at a time.
+    """
+    if not any(build_method(name).needs_samples for name in cfg.influence.methods):
+        return 0
+    return 6 * min(cfg.influence.get("sample_chunk_size", 64), num_samples)
 
 
 def batch_bytes(data: Batch) -> int:

@@ -31,6 +31,17 @@ def test_error_analysis_writes_tables(tmp_path):
     assert summary.measured_error[0] == samples.measured_error.mean()
     assert np.isclose(summary.ratio_proxy[0], samples.proxy.sum() / samples.measured_error.sum())
 
+    # attrbench report adds the error section, and attrbench figures redraws its figure.
+    report = run_cli("report", str(run_dir), cwd=tmp_path)
+    assert "First-order error against learning rate" in report.stdout
+    error_runs = pd.read_csv(run_dir / "report" / "error_runs.csv")
+    assert error_runs.measured_error[0] == summary.measured_error[0]
+    figure = run_dir / "report" / "figures" / "error_vs_lr_and_steps.png"
+    assert figure.is_file()
+    figure.unlink()
+    run_cli("figures", str(run_dir), cwd=tmp_path)
+    assert figure.is_file()
+
 
 def test_system_study_writes_table(tmp_path):
     run_dir = tmp_path / "run"

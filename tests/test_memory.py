@@ -142,3 +142,14 @@ def test_cli_refuses_before_training(tmp_path):
     assert result.returncode != 0
     assert "the memory plan needs an estimated" in result.stderr
     assert not (cache / "train").exists()
+
+
+def test_plan_counts_second_order_tangents(experiment):
+    from attrbench.memory import plan_memory as plan_of
+
+    with_second = with_settings(experiment, influence__methods=["adamw_influence", "second_order"],
+                                influence__sample_chunk_size=5)
+    plan = plan_of(with_second, budget_gb=None)
+    params = experiment.task.num_parameters
+    assert item(plan, "second-order tangents").nbytes == 6 * 5 * params * 8
+    assert all(row.part != "second-order tangents" for row in plan_of(experiment, budget_gb=None).items)

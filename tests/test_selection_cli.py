@@ -58,3 +58,20 @@ def test_select_sweep_and_report(tmp_path):
     assert len(dropped) == 40
     assert torch.equal(dropped, torch.argsort(scores, stable=True)[:40].sort().values)
     assert not torch.isin(tensors["kept_indices"], dropped).any()
+
+
+def test_report_includes_selection_section(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("select", "-m", *TINY, f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+            "selection.method=none,lookahead", "selection.horizon=1", cwd=tmp_path)
+    report = run_cli("report", str(sweep), cwd=tmp_path)
+
+    assert "Data selection" in report.stdout
+    table = pd.read_csv(sweep / "report" / "selection.csv")
+    assert table.label.tolist() == ["none", "K=1"]
+    figures = sweep / "report" / "figures"
+    for name in ("test_loss_vs_horizon.png", "test_loss_vs_horizon.pdf"):
+        assert (figures / name).is_file(), name
+        (figures / name).unlink()
+    run_cli("figures", str(sweep), cwd=tmp_path)
+    assert (figures / "test_loss_vs_horizon.png").is_file()

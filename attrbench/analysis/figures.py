@@ -23,7 +23,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown  # noqa: E402
 from attrbench.io import write_text  # noqa: E402
@@ -166,6 +165,8 @@ def seed_summary(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 def _spearman(x, y) -> float:
+    from scipy import stats  # imported here so that redrawing figures does not load scipy
+
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")

@@ -19,7 +19,9 @@ def report_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="attrbench report",
         description="Gather every run under DIR (single runs and sweeps, any setting) into one table "
-        "averaged over seeds, write it as CSV and Markdown, print it, and draw the figures.",
+        "averaged over seeds, write it as CSV and Markdown, print it, and draw the figures. Runs with "
+        "+analysis=error add the error-against-lr-and-T tables, and `attrbench select` runs add the "
+        "selection tables.",
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="a run, a sweep, or a directory above them")
     parser.add_argument("-o", "--output", type=Path, default=None,
@@ -33,17 +35,26 @@ def report_main(argv: list[str]) -> int:
     arguments = parser.parse_args(argv)
     _configure_logging()
 
-    from attrbench.reporting.tables import build_report, format_report, write_report
+    from attrbench.io import write_text
+    from attrbench.reporting.extras import has_extra_sections, write_extra_sections
+    from attrbench.reporting.tables import REPORT_MD, build_report, format_report, write_report
 
     output = arguments.output or arguments.directory / REPORT_SUBDIR
     started = time.perf_counter()
+    parts = []
     try:
         report = build_report(arguments.directory, arguments.test_point, arguments.scatter_run)
+        write_report(report, output)
+        parts.append(format_report(report))
     except (FileNotFoundError, ValueError) as error:
-        print(f"attrbench report: {error}", file=sys.stderr)
-        return 1
-    write_report(report, output)
-    print(format_report(report))
+        # A directory of selection runs or error summaries alone still gets their sections.
+        if not (isinstance(error, FileNotFoundError) and has_extra_sections(arguments.directory)):
+            print(f"attrbench report: {error}", file=sys.stderr)
+            return 1
+    parts += write_extra_sections(arguments.directory, output)
+    text = "\n".join(parts)
+    write_text(output / REPORT_MD, text)
+    print(text)
     log.info("wrote the report tables to %s in %.2f s", output, time.perf_counter() - started)
     if not arguments.no_figures:
         _draw(output, output / FIGURE_SUBDIR)
@@ -80,17 +91,26 @@ def find_report_directory(directory: Path) -> Path | None:
     from attrbench.reporting.tables import RUNS_CSV, TABLE_CSV
 
     # A run directory also contains spearman.csv; runs.csv is what marks a report directory.
+    from attrbench.reporting.extras import BEST_HORIZON_CSV, ERROR_RUNS_CSV
+
     for candidate in (directory, directory / REPORT_SUBDIR):
         if (candidate / TABLE_CSV).is_file() and (candidate / RUNS_CSV).is_file():
+            return candidate
+        if (candidate / ERROR_RUNS_CSV).is_file() or (candidate / BEST_HORIZON_CSV).is_file():
             return candidate
     return None
 
 
 def _draw(report_dir: Path, figure_dir: Path) -> None:
+    from attrbench.reporting.extras import draw_extra_figures
     from attrbench.reporting.figures import draw_figures
 
+    from attrbench.reporting.tables import TABLE_CSV
+
     started = time.perf_counter()
-    written = draw_figures(report_dir, figure_dir)
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    written = draw_figures(report_dir, figure_dir) if (report_dir / TABLE_CSV).is_file() else []
+    written += draw_extra_figures(report_dir, figure_dir)
     log.info("drew %d figure files in %s in %.2f s", len(written), figure_dir, time.perf_counter() - started)
 
 
