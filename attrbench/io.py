@@ -22,8 +22,6 @@ def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    # mkstemp creates the file readable by its owner only; give it the permissions of open().
-    os.chmod(temporary, 0o666 & ~_UMASK)
     return Path(temporary)
 
 
@@ -38,6 +36,9 @@ _UMASK = _current_umask()
 
 def _replace(temporary: Path, path: Path) -> None:
     try:
+        # mkstemp (and safetensors, which writes the file anew) leave it readable by its owner
+        # only; give it the permissions that open() would.
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
