@@ -46,6 +46,7 @@ GB = 1e9
 # NOTE: an estimate. On the CPU in float64, the peak resident memory of the CNN on CIFAR-sized
 # images grew by 2.4 to 3.2 times the saved bytes. That held for stacked ground-truth gradients
 # (11 and 31 models) and for Hessian-vector products (10 and 40 directions). GPU kernels differ.
+# NOTE: too low for transformers: the tiny Llama's stacked passes peaked near 12 times the saved bytes.
 ACTIVATION_FACTOR = 3
 
 # [query chunk, P] buffers that one adjoint step allocates besides the adjoint state. Each slot
