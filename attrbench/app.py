@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +22,39 @@ from attrbench.reporting.sweep import record_failure
 # attrbench runs from a source checkout or an editable install (pip install -e .).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
+log = logging.getLogger(__name__)
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM arrived during a run (a BaseException, like KeyboardInterrupt, so nothing swallows it)."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise RunInterrupted(signum)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into one log line and exit status 130 or 143, without a traceback.
+
+    Finished stages and ground-truth chunks are already on disk, so the log line tells the user
+    to rerun the same command. A SIGTERM handler that someone else installed (a cluster launcher's,
+    say) is left in place.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    except (KeyboardInterrupt, RunInterrupted) as error:
+        name, status = ("SIGTERM", 143) if isinstance(error, RunInterrupted) else ("SIGINT", 130)
+        log.warning("run interrupted by %s. Finished stages and ground-truth chunks are kept in cache_dir; "
+                    "rerun the same command to resume", name)
+        raise SystemExit(status) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run_app(cfg: DictConfig) -> float | None:
@@ -30,7 +68,7 @@ def run_app(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     output_dir = hydra_config.runtime.output_dir
     sweep_job = hydra_config.mode == RunMode.MULTIRUN
-    with record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job):
+    with interruptible(), record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job):
         table = run_experiment(cfg, output_dir)
         if table is None:  # a ground-truth shard job whose other shards are not finished yet
             return None

@@ -83,18 +83,41 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"influence.methods contains {method!r}; available: {', '.join(METHODS)}")
     if cfg.setting.task not in LOSSES:
         raise ValueError(f"setting.task={cfg.setting.task!r} is not one of {', '.join(LOSSES)}")
-    if cfg.groundtruth.num_samples < 1:
-        raise ValueError(f"groundtruth.num_samples={cfg.groundtruth.num_samples} must be at least 1")
-    if cfg.optimizer.lr <= 0:
-        raise ValueError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    if not cfg.influence.methods:
+        raise ValueError(f"influence.methods is empty; name at least one of {', '.join(METHODS)}")
+    _check_integer("seed", cfg.seed, minimum=0)
+    # A Spearman correlation across the removed samples needs at least two of them.
+    _check_integer("groundtruth.num_samples", cfg.groundtruth.num_samples, minimum=2)
+    _check_integer("groundtruth.chunk_size", cfg.groundtruth.chunk_size, minimum=1)
+    _check_integer("influence.query_chunk_size", cfg.influence.query_chunk_size, minimum=1)
+    _check_integer("evaluation.scatter_test_points", cfg.evaluation.scatter_test_points, minimum=1)
+    if cfg.train.micro_batch_size is not None:
+        _check_integer("train.micro_batch_size", cfg.train.micro_batch_size, minimum=1, nullable=True)
+    lr = cfg.optimizer.lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"optimizer.lr={lr!r} is not a number; write it as 1e-3 or 0.001")
+    if lr <= 0:
+        raise ValueError(f"optimizer.lr={lr} must be positive")
     OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     check_analysis(cfg)
+
+
+def _check_integer(key: str, value, minimum: int, nullable: bool = False) -> None:
+    """Reject a config value that is not a whole number of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        also = " or null" if nullable else ""
+        raise ValueError(f"{key}={value!r} must be a whole number{also}; for example {key}={max(minimum, 1)}")
+    if value < minimum:
+        raise ValueError(f"{key}={value} must be at least {minimum}")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"device={name!r} is not a device torch knows; use cpu, cuda, cuda:N or auto") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
     return device

@@ -25,7 +25,7 @@ from attrbench.analysis import run_analysis
 from attrbench.evaluation.metrics import rowwise_correlations, summarize
 from attrbench.evaluation.plots import plot_scatter, plot_spearman_bars
 from attrbench.evaluation.report import format_markdown, write_table
-from attrbench.experiment import Experiment, build_experiment
+from attrbench.experiment import Experiment, build_experiment, validate_config
 from attrbench.groundtruth.resume import SHARD_FILE, ShardWork, compute_shard
 from attrbench.groundtruth.shards import (
     MergedGroundTruth, MissingShardsError, Shard, ShardIdentity, check_sharding, merge_shards, plan_chunks,
@@ -54,6 +54,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     gt = cfg.groundtruth
+    validate_config(cfg)  # before the sharding check, whose messages assume valid sizes
     check_sharding(gt.num_samples, gt.chunk_size, gt.num_shards, gt.shard)
     experiment = build_experiment(cfg)
     num_scored(experiment)  # rejects an invalid evaluation.num_scored before any work
@@ -339,6 +340,17 @@ def evaluation_for(experiment: Experiment, groundtruth: MergedGroundTruth, influ
     return table
 
 
+def _warn_non_finite(name: str, values: np.ndarray) -> None:
+    """Log a warning when ``values`` has NaN or infinite entries: their test points get no correlation."""
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        log.warning(
+            "%s has %d non-finite values of %d; the test points that contain them count as undefined "
+            "in the table. The run probably diverged: lower optimizer.lr or use dtype=float64",
+            name, bad, values.size,
+        )
+
+
 def evaluate(experiment: Experiment, groundtruth: MergedGroundTruth, predictions: dict[str, np.ndarray],
              out_dir: Path) -> pd.DataFrame:
     """Per-test-point correlations, the summary table and the plots, written to ``out_dir``.
@@ -346,6 +358,9 @@ def evaluate(experiment: Experiment, groundtruth: MergedGroundTruth, predictions
     Only the first ``evaluation.num_scored`` test functions enter the correlations.
     """
     delta = groundtruth.delta[: num_scored(experiment)].numpy()
+    _warn_non_finite("the leave-one-out ground truth", delta)
+    for method, predicted in predictions.items():
+        _warn_non_finite(method, predicted[: len(delta)])
     per_test = pd.concat(
         [rowwise_correlations(predicted, delta).assign(method=method, test_point=np.arange(len(delta)))
          for method, predicted in predictions.items()],

@@ -482,3 +482,15 @@ def test_sweep_status_callback_all_complete(tmp_path):
 
     assert sweep.sweep_exit_status() == 0
     assert json.loads((tmp_path / "sweep_status.json").read_text())["not_complete"] == []
+
+
+def test_figure_names_stay_short_and_distinct():
+    from attrbench.reporting.figures import MAX_SLUG_LENGTH, _slug
+
+    base = "mnist_mlp | embedded | AdamW | " + " | ".join(f"data.key_{index}=value_{index}" for index in range(40))
+    first, second = _slug(base + " | seed 0"), _slug(base + " | seed 1")
+    assert len(first) <= MAX_SLUG_LENGTH
+    assert len(second) <= MAX_SLUG_LENGTH
+    assert first != second
+    assert first.startswith("mnist_mlp_embedded_AdamW")
+    assert _slug("gpt2 | embedded | AdamW | lr 0.0001") == "gpt2_embedded_AdamW_lr_0_0001"

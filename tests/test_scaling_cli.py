@@ -178,6 +178,24 @@ def test_killed_run_resumes_without_recomputing(reference, tmp_path):
     _assert_same_results(run_dir, reference)
 
 
+def test_terminated_run_logs_how_to_resume(tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    arguments = ["run", *SCALE, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+    with open(tmp_path / "terminated.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "attrbench.cli", *arguments], cwd=tmp_path,
+                                   stdout=log, stderr=subprocess.STDOUT, env=_environment())
+        try:
+            _wait_for_chunks(process, cache)
+            process.send_signal(signal.SIGTERM)
+        finally:
+            process.wait(timeout=60)
+    output = (tmp_path / "terminated.log").read_text()
+    assert process.returncode == 143, output
+    assert "Traceback" not in output
+    assert "run interrupted by SIGTERM" in (run_dir / "attrbench.log").read_text()
+    assert "rerun the same command to resume" in output
+
+
 def test_truncated_trajectory_is_detected_and_retrained(reference, tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     shutil.copytree(reference / "cache", cache)

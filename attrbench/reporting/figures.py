@@ -13,6 +13,7 @@ Only ``spearman.csv`` and ``scatter.csv`` are read, so redrawing takes about a s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -97,8 +98,22 @@ def _label(family: dict) -> str:
     return " | ".join(parts)
 
 
+# Longest figure-file stem. File systems allow 255 bytes per name, and the atomic writer adds a
+# temporary prefix and suffix around the final name.
+MAX_SLUG_LENGTH = 120
+
+
 def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9=-]+", "_", label).strip("_")
+    """Turn a figure label into a file-name stem of at most ``MAX_SLUG_LENGTH`` characters.
+
+    A longer stem (a sweep that varies many config keys) keeps its start and ends in a short
+    SHA-256 of the whole label, so different labels still get different files.
+    """
+    slug = re.sub(r"[^A-Za-z0-9=-]+", "_", label).strip("_")
+    if len(slug) <= MAX_SLUG_LENGTH:
+        return slug
+    digest = hashlib.sha256(label.encode()).hexdigest()[:12]
+    return f"{slug[: MAX_SLUG_LENGTH - len(digest) - 1]}_{digest}"
 
 
 def plot_spearman_vs_lr(table: pd.DataFrame) -> plt.Figure:

@@ -209,11 +209,15 @@ def format_table(table: pd.DataFrame) -> str:
         "spearman_mean": "Spearman", "spearman_std": "std", "num_seeds": "n",
         "relative_improvement": "AdamW vs SGD",
     })
-    return _markdown(display, float_format="{:.4f}")
+    # Correlations get four decimals. Config columns that vary between runs keep their own
+    # precision, so 1e-08 does not print as 0.0000.
+    return _markdown(display, column_formats={"Spearman": "{:.4f}", "std": "{:.4f}"})
 
 
-def _markdown(frame: pd.DataFrame, float_format: str = "{:g}") -> str:
+def _markdown(frame: pd.DataFrame, float_format: str = "{:g}", column_formats: dict[str, str] | None = None) -> str:
     """Format ``frame`` as Markdown with floats by ``float_format`` and missing values blank.
+
+    ``column_formats`` overrides ``float_format`` for the float columns it names.
 
     tabulate's own number parsing would turn a seed list such as "0" into a number and print NaN
     as "nan", so it is switched off and numbers are right-aligned explicitly.
@@ -222,7 +226,8 @@ def _markdown(frame: pd.DataFrame, float_format: str = "{:g}") -> str:
     for name, column in frame.items():
         numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
         is_float = pd.api.types.is_float_dtype(column)
-        cells[name] = [_cell(value, float_format if is_float else "{}") for value in column]
+        number_format = (column_formats or {}).get(name, float_format)
+        cells[name] = [_cell(value, number_format if is_float else "{}") for value in column]
         align.append("right" if numeric else "left")
     text = pd.DataFrame(cells, columns=frame.columns)
     if text.empty:

@@ -1,0 +1,66 @@
+"""Config checks that run before any work, on configs composed in-process."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from attrbench.app import CONFIG_DIR
+from attrbench.experiment import resolve_device, validate_config
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=1.5", "seed=1.5 must be a whole number"),
+        ("seed=abc", "seed='abc' must be a whole number"),
+        ("seed=-1", "seed=-1 must be at least 0"),
+        ("groundtruth.num_samples=1", "groundtruth.num_samples=1 must be at least 2"),
+        ("groundtruth.num_samples=0", "groundtruth.num_samples=0 must be at least 2"),
+        ("groundtruth.num_samples=1.5", "groundtruth.num_samples=1.5 must be a whole number"),
+        ("groundtruth.chunk_size=0", "groundtruth.chunk_size=0 must be at least 1"),
+        ("influence.query_chunk_size=0", "influence.query_chunk_size=0 must be at least 1"),
+        ("influence.methods=[]", "influence.methods is empty"),
+        ("evaluation.scatter_test_points=0", "evaluation.scatter_test_points=0 must be at least 1"),
+        ("train.micro_batch_size=0", "train.micro_batch_size=0 must be at least 1"),
+        ("train.micro_batch_size=-3", "train.micro_batch_size=-3 must be at least 1"),
+        ("optimizer.lr=abc", "optimizer.lr='abc' is not a number"),
+        ("optimizer.lr=-1e-3", "optimizer.lr=-0.001 must be positive"),
+    ],
+)
+def test_invalid_value_is_rejected(override, message):
+    with pytest.raises(ValueError) as error:
+        validate_config(_compose(override))
+    assert message in str(error.value)
+
+
+def test_default_config_is_valid():
+    validate_config(_compose())
+
+
+def test_null_micro_batch_is_valid():
+    validate_config(_compose("train.micro_batch_size=null"))
+
+
+def test_unknown_device_names_key():
+    with pytest.raises(ValueError, match="device='tpu9' is not a device torch knows"):
+        resolve_device("tpu9")
+
+
+def test_non_finite_predictions_are_warned(caplog):
+    import numpy as np
+
+    from attrbench.pipeline import _warn_non_finite
+
+    values = np.array([[0.1, np.nan], [np.inf, 0.2]])
+    with caplog.at_level("WARNING", logger="attrbench.pipeline"):
+        _warn_non_finite("sgd_influence", values)
+        _warn_non_finite("adamw_influence", np.ones((2, 2)))
+    assert len(caplog.records) == 1
+    assert "sgd_influence has 2 non-finite values of 4" in caplog.records[0].getMessage()
+    assert "lower optimizer.lr" in caplog.records[0].getMessage()
