@@ -37,7 +37,7 @@ def _raise_interrupted(signum, frame) -> None:
 def interruptible() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into one log line and exit status 130 or 143, without a traceback.
 
-    Finished stages and ground-truth chunks are already on disk, so the log line tells the user
+    Finished stages and ground-truth chunks are already on disk, so the warning instructs the user
     to rerun the same command. A SIGTERM handler that someone else installed (a cluster launcher's,
     say) is left in place.
     """

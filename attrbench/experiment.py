@@ -117,7 +117,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"device={name!r} is not a device torch knows; use cpu, cuda, cuda:N or auto") from error
+        raise ValueError(f"device={name!r} is not a valid torch device; use cpu, cuda, cuda:N or auto") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
     return device

@@ -48,7 +48,7 @@ def test_null_micro_batch_is_valid():
 
 
 def test_unknown_device_names_key():
-    with pytest.raises(ValueError, match="device='tpu9' is not a device torch knows"):
+    with pytest.raises(ValueError, match="device='tpu9' is not a valid torch device"):
         resolve_device("tpu9")
 
 

@@ -98,7 +98,7 @@ def _label(family: dict) -> str:
     return " | ".join(parts)
 
 
-# Longest figure-file stem. File systems allow 255 bytes per name, and the atomic writer adds a
+# Maximum length of a figure file's stem. File systems allow 255 bytes per name, and the atomic writer adds a
 # temporary prefix and suffix around the final name.
 MAX_SLUG_LENGTH = 120
 
