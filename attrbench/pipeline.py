@@ -34,7 +34,7 @@ from attrbench.groundtruth.shards import (
 from attrbench.influence import METHODS, InfluenceScores, build_method, compute_influence, load_scores
 from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_text
 from attrbench.memory import check_memory
-from attrbench.stages import Stage, config_key, copy_file, open_stage, suggest_on_out_of_memory
+from attrbench.stages import Stage, check_cache_dir, config_key, copy_file, open_stage, suggest_on_out_of_memory
 from attrbench.tasks import Batch, fingerprint, select
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
@@ -55,6 +55,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     started = time.perf_counter()
     gt = cfg.groundtruth
     validate_config(cfg)  # before the sharding check, whose messages assume valid sizes
+    check_cache_dir(cfg.cache_dir)
     check_sharding(gt.num_samples, gt.chunk_size, gt.num_shards, gt.shard)
     experiment = build_experiment(cfg)
     num_scored(experiment)  # rejects an invalid evaluation.num_scored before any work

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -172,6 +173,24 @@ class Stage:
         """Copy output files of this stage into ``destination`` (atomically, one by one)."""
         for name in names:
             copy_file(self.directory / name, Path(destination) / Path(name).name)
+
+
+def check_cache_dir(cache_dir: str | Path) -> None:
+    """Raise a ValueError that names ``cache_dir`` unless stages can be written there.
+
+    Every stage takes a file lock in its directory, even to read a finished result, so a
+    read-only cache cannot serve a run.
+    """
+    path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"cache_dir={str(cache_dir)!r} is not a writable directory ({error.strerror}). Point cache_dir at "
+            "a writable directory; to reuse a read-only cache, copy it there first"
+        ) from error
 
 
 def open_stage(cache_dir: str | Path, name: str, config: dict) -> Stage:

@@ -64,3 +64,14 @@ def test_non_finite_predictions_are_warned(caplog):
     assert len(caplog.records) == 1
     assert "sgd_influence has 2 non-finite values of 4" in caplog.records[0].getMessage()
     assert "lower optimizer.lr" in caplog.records[0].getMessage()
+
+
+def test_cache_dir_must_be_a_writable_directory(tmp_path):
+    from attrbench.stages import check_cache_dir
+
+    check_cache_dir(tmp_path / "new" / "cache")
+    assert (tmp_path / "new" / "cache").is_dir()
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    with pytest.raises(ValueError, match="cache_dir=.*file' is not a writable directory"):
+        check_cache_dir(not_a_directory)

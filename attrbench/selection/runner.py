@@ -40,7 +40,7 @@ from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
 from attrbench.selection.offline import train_offline
 from attrbench.selection.online import SelectionRun, check_fraction, train_online
-from attrbench.stages import open_stage
+from attrbench.stages import check_cache_dir, open_stage
 from attrbench.tasks import Batch, Task, num_samples, select
 from attrbench.training.optim import OptimizerSpec
 from attrbench.training.schedule import BatchSchedule, learning_rates
@@ -98,6 +98,7 @@ def build_selection(cfg: DictConfig) -> SelectionSetup:
     # training does but has not been run.
     validate_config(cfg)
     validate_selection(cfg)
+    check_cache_dir(cfg.cache_dir)
     configure_torch(cfg.deterministic)
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     loaded = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
