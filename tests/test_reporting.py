@@ -245,6 +245,19 @@ def test_duplicate_run_counted_once(tmp_path):
     assert report.problems["run_dir"].tolist() == [os.path.join("old", "0")]
 
 
+def test_earlier_run_keeps_methods_later_run_lacks(tmp_path):
+    make_run(tmp_path / "both", lr=1e-3, seed=0, sgd=0.2, adamw=0.3, finished_at=1_000_000)
+    make_run(tmp_path / "adamw_only", lr=1e-3, seed=0, sgd=None, adamw=0.5, finished_at=2_000_000)
+
+    report = build_report(tmp_path)
+
+    assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
+    assert row(report.table, method="adamw_influence").spearman_mean == pytest.approx(0.5)
+    assert row(report.table, method="adamw_influence").num_seeds == 1
+    assert report.problems.empty
+    assert sorted(report.runs["run_dir"]) == ["adamw_only", "both"]
+
+
 def test_shard_and_selection_jobs_listed(tmp_path):
     make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4,
              config={"groundtruth.num_shards": 2, "groundtruth.shard": 1})

@@ -66,6 +66,7 @@ class RunRecord:
     config: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     finished_at: float = 0.0
+    superseded_methods: set[str] = field(default_factory=set)  # methods a later run of the same experiment replaces
 
     @property
     def variant(self) -> str:
@@ -234,23 +235,33 @@ def _is_ignored(key: str) -> bool:
 
 
 def mark_duplicates(records: list[RunRecord], extra_keys: list[str]) -> None:
-    """Mark all but the last finished of several runs with the same configuration and seed.
+    """Count each method of each configuration and seed once, from the run that finished last.
 
     Rerunning a sweep into the same directory tree leaves two runs of one experiment; counting
-    both would count one seed twice. The earlier ones get the status ``duplicate`` and are listed
-    with the failed and incomplete runs.
+    both would count one seed twice. Duplicates are decided per influence method, so an earlier
+    run keeps the methods that no later run computed. A run whose every method a later run
+    replaces gets the status ``duplicate`` and is listed with the failed and incomplete runs.
     """
+    covered: dict[str, set[str]] = {}
     latest: dict[str, RunRecord] = {}
     for record in sorted(records, key=lambda item: item.finished_at, reverse=True):
         if record.status != COMPLETE:
             continue
         identity = json.dumps(_run_identity(record, extra_keys), default=str)
-        if identity in latest:
+        methods = set(_methods(record))
+        seen = covered.setdefault(identity, set())
+        record.superseded_methods = methods & seen
+        if identity in latest and methods <= seen:
             record.status = DUPLICATE
             record.message = (f"same configuration and seed as {latest[identity].directory}, which "
                               "finished later; not counted")
-        else:
-            latest[identity] = record
+            continue
+        seen |= methods
+        latest.setdefault(identity, record)
+
+
+def _methods(record: RunRecord) -> list[str]:
+    return [] if record.table is None else [str(method) for method in record.table["method"]]
 
 
 def _run_identity(record: RunRecord, extra_keys: list[str]) -> dict:
@@ -279,6 +290,8 @@ def runs_frame(records: list[RunRecord], extra_keys: list[str]) -> pd.DataFrame:
             continue
         identity = {"run_dir": str(record.directory), **_run_identity(record, extra_keys)}
         for entry in record.table.to_dict(orient="records"):
+            if entry["method"] in record.superseded_methods:
+                continue
             rows.append({
                 **identity,
                 "method": entry["method"],
