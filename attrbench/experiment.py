@@ -89,6 +89,8 @@ def validate_config(cfg: DictConfig) -> None:
     # A Spearman correlation across the removed samples needs at least two of them.
     _check_integer("groundtruth.num_samples", cfg.groundtruth.num_samples, minimum=2)
     _check_integer("groundtruth.chunk_size", cfg.groundtruth.chunk_size, minimum=1)
+    _check_integer("train.epochs", cfg.train.epochs, minimum=1)
+    _check_integer("train.batch_size", cfg.train.batch_size, minimum=1)
     _check_integer("influence.query_chunk_size", cfg.influence.query_chunk_size, minimum=1)
     _check_integer("evaluation.scatter_test_points", cfg.evaluation.scatter_test_points, minimum=1)
     if cfg.train.micro_batch_size is not None:
@@ -98,6 +100,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"optimizer.lr={lr!r} is not a number; write it as 1e-3 or 0.001")
     if lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be positive")
+    betas = cfg.optimizer.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(isinstance(beta, (int, float)) and 0 <= beta < 1
+                                                         for beta in betas)):
+        raise ValueError(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.95]")
     OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     check_analysis(cfg)
 

@@ -31,6 +31,10 @@ def _compose(*overrides: str):
         ("train.micro_batch_size=-3", "train.micro_batch_size=-3 must be at least 1"),
         ("optimizer.lr=abc", "optimizer.lr='abc' is not a number"),
         ("optimizer.lr=-1e-3", "optimizer.lr=-0.001 must be positive"),
+        ("train.epochs=1.5", "train.epochs=1.5 must be a whole number"),
+        ("train.batch_size=0", "train.batch_size=0 must be at least 1"),
+        ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must be two numbers in [0, 1)"),
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     ],
 )
 def test_invalid_value_is_rejected(override, message):
@@ -75,3 +79,12 @@ def test_cache_dir_must_be_a_writable_directory(tmp_path):
     not_a_directory.write_text("")
     with pytest.raises(ValueError, match="cache_dir=.*file' is not a writable directory"):
         check_cache_dir(not_a_directory)
+
+
+def test_shard_error_suggests_a_possible_fix():
+    from attrbench.groundtruth.shards import check_sharding
+
+    with pytest.raises(ValueError, match="raise groundtruth.num_samples to at least 20"):
+        check_sharding(num_samples=10, chunk_size=1, num_shards=20, shard=None)
+    with pytest.raises(ValueError, match="lower groundtruth.chunk_size to at most 2"):
+        check_sharding(num_samples=10, chunk_size=5, num_shards=4, shard=None)

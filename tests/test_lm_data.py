@@ -85,6 +85,13 @@ def test_wikitext_too_few_tokens(tmp_path):
         load_wikitext2(TOKENIZER, path=str(tmp_path), block_size=8, num_train=500, num_test=3)
 
 
+@pytest.mark.parametrize("block_size, message", [(1, "data.block_size=1 must be at least 2"),
+                                                  (2.5, "data.block_size=2.5 must be a whole number")])
+def test_embedded_text_rejects_bad_block_size(block_size, message):
+    with pytest.raises(ValueError, match=message):
+        load_embedded_text({"name": "embedded_bpe", "vocab_size": 1024}, block_size=block_size)
+
+
 def test_embedded_text_holds_out_topics():
     splits = load_embedded_text({"name": "embedded_bpe", "vocab_size": 1024})
     assert splits.train["input_ids"].shape == (128, 32)

@@ -416,6 +416,19 @@ def test_figures_without_report_is_an_error(tmp_path, capsys):
     assert "run `attrbench report" in capsys.readouterr().err
 
 
+def test_figures_on_damaged_tables_is_an_error(sweep_tree, capsys):
+    assert report_main([str(sweep_tree), "--no-figures"]) == 0
+    (sweep_tree / "report" / "spearman.csv").write_text("a,b\n1,2\n")
+
+    assert figures_main([str(sweep_tree)]) == 1
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_figures_on_missing_directory_is_an_error(tmp_path, capsys):
+    assert figures_main([str(tmp_path / "absent")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+
+
 def test_draw_figures_missing_table(tmp_path):
     with pytest.raises(FileNotFoundError, match="spearman.csv not found"):
         draw_figures(tmp_path, tmp_path / "figures")

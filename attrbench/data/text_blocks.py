@@ -108,8 +108,12 @@ def load_embedded_text(
 
 def _check_sizes(**sizes: int) -> None:
     for key, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"data.{key}={value} must be at least 1")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"data.{key}={value!r} must be a whole number")
+        # A block's loss predicts each token from the ones before it, so it needs two tokens.
+        minimum = 2 if key == "block_size" else 1
+        if value < minimum:
+            raise ValueError(f"data.{key}={value} must be at least {minimum}")
 
 
 def _wikitext_split(name: str, config: str, split: str, path: str | None):

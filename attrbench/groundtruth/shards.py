@@ -82,11 +82,14 @@ def check_sharding(num_samples: int, chunk_size: int, num_shards: int, shard: in
         raise ValueError(f"groundtruth.chunk_size={chunk_size} must be at least 1")
     num_chunks = math.ceil(num_samples / chunk_size)
     if num_shards > num_chunks:
+        if num_shards <= num_samples:
+            fix = f"or lower groundtruth.chunk_size to at most {num_samples // num_shards}"
+        else:  # even one run per chunk leaves shards empty
+            fix = f"or raise groundtruth.num_samples to at least {num_shards}"
         raise ValueError(
             f"groundtruth.num_shards={num_shards} exceeds the {num_chunks} chunks of "
             f"groundtruth.chunk_size={chunk_size} counterfactual runs over groundtruth.num_samples={num_samples}, "
-            f"so some shards would be empty; use at most {num_chunks} shards or lower groundtruth.chunk_size "
-            f"to at most {max(1, num_samples // num_shards)}"
+            f"so some shards would be empty; use at most {num_chunks} shards {fix}"
         )
 
 

@@ -76,13 +76,23 @@ def figures_main(argv: list[str]) -> int:
     arguments = parser.parse_args(argv)
     _configure_logging()
 
+    if not arguments.directory.is_dir():
+        print(f"attrbench figures: {arguments.directory} is not a directory", file=sys.stderr)
+        return 1
     report_dir = find_report_directory(arguments.directory)
     if report_dir is None:
         print(f"attrbench figures: no report tables in {arguments.directory} or "
               f"{arguments.directory / REPORT_SUBDIR}; run `attrbench report {arguments.directory}` first",
               file=sys.stderr)
         return 1
-    _draw(report_dir, arguments.output or report_dir / FIGURE_SUBDIR)
+    import pandas as pd
+
+    try:
+        _draw(report_dir, arguments.output or report_dir / FIGURE_SUBDIR)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError) as error:
+        print(f"attrbench figures: the report tables in {report_dir} cannot be read ({error}); "
+              f"rerun `attrbench report` on the run directory to rewrite them", file=sys.stderr)
+        return 1
     return 0
 
 
