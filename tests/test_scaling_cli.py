@@ -142,17 +142,26 @@ def _wait_for_chunks(process: subprocess.Popen, cache: Path, timeout: float = 60
     raise AssertionError("no ground-truth chunk finished in time")
 
 
-def test_killed_run_resumes_without_recomputing(reference, tmp_path):
-    cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    arguments = ["run", *SCALE, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "attrbench.cli", *arguments], cwd=tmp_path,
+def _signal_during_groundtruth(arguments: list[str], cwd: Path, cache: Path, signum: int) -> subprocess.Popen:
+    """Start ``attrbench`` with ``arguments``, send ``signum`` once a ground-truth chunk is done, and wait.
+
+    The process's output goes to ``cwd / "signalled.log"``.
+    """
+    with open(cwd / "signalled.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "attrbench.cli", *arguments], cwd=cwd,
                                    stdout=log, stderr=subprocess.STDOUT, env=_environment())
         try:
             _wait_for_chunks(process, cache)
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(signum)
         finally:
             process.wait(timeout=60)
+    return process
+
+
+def test_killed_run_resumes_without_recomputing(reference, tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    arguments = ["run", *SCALE, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+    process = _signal_during_groundtruth(arguments, tmp_path, cache, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     progress = json.loads(next(cache.glob("groundtruth/*/progress.json")).read_text())["chunks"]
     assert 1 <= len(progress) < NUM_CHUNKS, "the kill did not land during the ground truth"
@@ -181,15 +190,8 @@ def test_killed_run_resumes_without_recomputing(reference, tmp_path):
 def test_terminated_run_logs_how_to_resume(tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     arguments = ["run", *SCALE, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
-    with open(tmp_path / "terminated.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "attrbench.cli", *arguments], cwd=tmp_path,
-                                   stdout=log, stderr=subprocess.STDOUT, env=_environment())
-        try:
-            _wait_for_chunks(process, cache)
-            process.send_signal(signal.SIGTERM)
-        finally:
-            process.wait(timeout=60)
-    output = (tmp_path / "terminated.log").read_text()
+    process = _signal_during_groundtruth(arguments, tmp_path, cache, signal.SIGTERM)
+    output = (tmp_path / "signalled.log").read_text()
     assert process.returncode == 143, output
     assert "Traceback" not in output
     assert "run interrupted by SIGTERM" in (run_dir / "attrbench.log").read_text()
