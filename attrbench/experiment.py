@@ -103,7 +103,9 @@ def validate_config(cfg: DictConfig) -> None:
     betas = cfg.optimizer.get("betas")
     if betas is not None and (len(betas) != 2 or not all(isinstance(beta, (int, float)) and 0 <= beta < 1
                                                          for beta in betas)):
-        raise ValueError(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.95]")
+        raise ValueError(
+            f"optimizer.betas={list(betas)} must be two numbers in [0, 1), for example optimizer.betas=[0.9,0.95]"
+        )
     OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     check_analysis(cfg)
 
@@ -142,21 +144,34 @@ def configure_torch(deterministic: bool) -> None:
 
 def build_experiment(cfg: DictConfig) -> Experiment:
     validate_config(cfg)
+    device, dtype, data, task = load_data_and_task(cfg)
+    batches, lrs, optimizer = build_training_schedule(cfg, data.num_train)
+    samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
+    return Experiment(cfg, device, dtype, data, task, batches, lrs, optimizer, samples)
+
+
+def load_data_and_task(cfg: DictConfig) -> tuple[torch.device, torch.dtype, DataSplits, Task]:
+    """Configure torch, then load the data and build the model from the seed's derived seeds.
+
+    ``attrbench run`` and ``attrbench select`` both start here, so their models start from the
+    same weights.
+    """
     configure_torch(cfg.deterministic)
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
-
     data = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
     torch.manual_seed(derive_seed(cfg.seed, "init"))
     model = build_model(cfg.model, data).to(device=device, dtype=dtype)
     task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
+    return device, dtype, data, task
 
-    batches = BatchSchedule.shuffled(
-        data.num_train, cfg.train.batch_size, cfg.train.epochs, derive_seed(cfg.seed, "batches")
-    )
+
+def build_training_schedule(cfg: DictConfig, num_train: int) -> tuple[BatchSchedule, list[float], OptimizerSpec]:
+    """Build the seeded batch order over ``num_train`` samples, every step's learning rate and the optimizer."""
+    seed = derive_seed(cfg.seed, "batches")
+    batches = BatchSchedule.shuffled(num_train, cfg.train.batch_size, cfg.train.epochs, seed)
     lrs = learning_rates(cfg.schedule.name, cfg.optimizer.lr, batches.num_steps, cfg.schedule.warmup_ratio)
     optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
-    samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
-    return Experiment(cfg, device, dtype, data, task, batches, lrs, optimizer, samples)
+    return batches, lrs, optimizer
 
 
 def build_model(model_cfg: DictConfig, data: DataSplits) -> torch.nn.Module:

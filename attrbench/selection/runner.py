@@ -23,18 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call
 
-from attrbench.experiment import (
-    LOSSES,
-    build_model,
-    configure_torch,
-    derive_seed,
-    resolve_device,
-    validate_config,
-)
+from attrbench.experiment import build_training_schedule, derive_seed, load_data_and_task, validate_config
 from attrbench.io import save_tensors, sha256, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
@@ -43,9 +35,9 @@ from attrbench.selection.online import SelectionRun, check_fraction, train_onlin
 from attrbench.stages import check_cache_dir, open_stage
 from attrbench.tasks import Batch, Task, num_samples, select
 from attrbench.training.optim import OptimizerSpec
-from attrbench.training.schedule import BatchSchedule, learning_rates
+from attrbench.training.schedule import BatchSchedule
 from attrbench.training.trainer import train
-from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
+from attrbench.training.trajectory import CorruptTrajectoryError, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +91,9 @@ def build_selection(cfg: DictConfig) -> SelectionSetup:
     validate_config(cfg)
     validate_selection(cfg)
     check_cache_dir(cfg.cache_dir)
-    configure_torch(cfg.deterministic)
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
-    loaded = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
-    torch.manual_seed(derive_seed(cfg.seed, "init"))
-    model = build_model(cfg.model, loaded).to(device=device, dtype=dtype)
-    task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
-
+    device, _, loaded, task = load_data_and_task(cfg)
     data = split_validation(loaded, cfg.selection.num_validation, derive_seed(cfg.seed, "validation"))
-    batches = BatchSchedule.shuffled(
-        data.num_train, cfg.train.batch_size, cfg.train.epochs, derive_seed(cfg.seed, "batches")
-    )
-    lrs = learning_rates(cfg.schedule.name, cfg.optimizer.lr, batches.num_steps, cfg.schedule.warmup_ratio)
-    optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    batches, lrs, optimizer = build_training_schedule(cfg, data.num_train)
     return SelectionSetup(cfg, device, data, task, batches, lrs, optimizer)
 
 
