@@ -51,6 +51,18 @@ class ParameterLayout:
         pieces = torch.split(theta, self.numels)
         return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
 
+    def unflatten_stack(self, thetas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split ``[M, P]`` stacked vectors into named ``[M, *shape]`` tensors (copies, contiguous)."""
+        pieces = torch.split(thetas, self.numels, dim=-1)
+        return {
+            name: piece.reshape(len(thetas), *shape).contiguous()
+            for name, piece, shape in zip(self.names, pieces, self.shapes)
+        }
+
+    def flatten_stack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate named ``[M, *shape]`` tensors into ``[M, P]`` stacked vectors."""
+        return torch.cat([tensors[name].flatten(1) for name in self.names], dim=1)
+
     def to_json(self) -> dict:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
 

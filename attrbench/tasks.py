@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from attrbench.models.stacked import stacked_forward, supports_stacking
 from attrbench.params import ParameterLayout
 
 Batch = dict[str, torch.Tensor]
@@ -52,6 +53,19 @@ def classification_loss(model: nn.Module, params: dict[str, torch.Tensor], batch
     return F.cross_entropy(logits, batch["y"], reduction="none")
 
 
+def _stacked_classification_loss(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    """:func:`classification_loss` of M models at once: ``params`` entries ``[M, ...]``, result ``[M, B]``."""
+    logits = stacked_forward(model, params, batch["x"])
+    copies, size, classes = logits.shape
+    labels = batch["y"].repeat(copies)
+    return F.cross_entropy(logits.reshape(copies * size, classes), labels, reduction="none").view(copies, size)
+
+
+# Per-sample losses with a form that evaluates a stack of models without vmap (see
+# attrbench.models.stacked); a loss not listed here is stacked with vmap.
+STACKED_LOSSES = {classification_loss: _stacked_classification_loss}
+
+
 class Task:
     """A model template plus its per-sample loss, evaluated at flat parameter vectors.
 
@@ -70,6 +84,12 @@ class Task:
         self.layout = ParameterLayout.from_module(model)
         self.buffers = dict(model.named_buffers())
         self.micro_batch_size = micro_batch_size
+        self._stacked_loss = STACKED_LOSSES.get(loss) if supports_stacking(model) else None
+
+    @property
+    def stacks_without_vmap(self) -> bool:
+        """Whether :meth:`stacked_gradient` uses the stacked forward pass instead of ``vmap``."""
+        return self._stacked_loss is not None
 
     @property
     def num_parameters(self) -> int:
@@ -109,6 +129,65 @@ class Task:
             total = g if total is None else total + g
             losses.append(part_losses)
         return total, torch.cat(losses)
+
+    def stacked_gradient(
+        self, params: dict[str, torch.Tensor], batch: Batch, weights: torch.Tensor, denominators: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return the batch gradients of M models on one shared batch, and their per-sample losses.
+
+        Row m is :meth:`batch_gradient` at the parameters ``params[.][m]`` with weights
+        ``weights[m]`` and denominator ``denominators[m]``, kept per parameter tensor instead of as
+        one flat vector. Models that :func:`~attrbench.models.stacked.supports_stacking` accepts
+        run as one stacked forward pass with a reverse-mode backward through it; all others run
+        under ``vmap``. Both agree to rounding (tests compare them).
+
+        Args:
+            params: Parameters by layout name, each ``[M, *shape]``.
+            batch: The batch of ``B`` samples that every model sees.
+            weights: ``[M, B]`` sample weights.
+            denominators: ``[M]`` divisors of the weighted loss sums.
+
+        Returns:
+            ``(gradients, losses)``: gradients by name, each ``[M, *shape]`` and contiguous, and
+            the ``[M, B]`` per-sample losses.
+        """
+        part_gradient = self._stacked_part_gradient if self.stacks_without_vmap else self._vmapped_part_gradient
+        total, losses = None, []
+        for part in self._micro_batches(weights.shape[1]):
+            gradients, part_losses = part_gradient(params, select(batch, part), weights[:, part], denominators)
+            total = gradients if total is None else {name: total[name] + gradients[name] for name in total}
+            losses.append(part_losses)
+        return {name: value.contiguous() for name, value in total.items()}, torch.cat(losses, dim=1)
+
+    def _stacked_part_gradient(self, params, batch, weights, denominators):
+        with torch.enable_grad():
+            leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
+            losses = self._stacked_loss(self.model, leaves, batch)
+            # Row m's parameters reach only row m's losses, so the gradient of the sum over rows
+            # is every row's own gradient.
+            total = ((losses * weights).sum(dim=1) / denominators).sum()
+            gradients = torch.autograd.grad(total, list(leaves.values()))
+        return dict(zip(leaves, gradients)), losses.detach()
+
+    def _vmapped_part_gradient(self, params, batch, weights, denominators):
+        def weighted_loss(one_model, one_weights, denominator):
+            losses = self.loss(self.model, {**one_model, **self.buffers}, batch)
+            return (losses * one_weights).sum() / denominator, losses
+
+        return vmap(grad(weighted_loss, has_aux=True))(params, weights, denominators)
+
+    def stacked_losses(self, params: dict[str, torch.Tensor], data: Batch, chunk_size: int = 1024) -> torch.Tensor:
+        """Return the ``[M, N]`` per-sample losses of M models (``params`` as in :meth:`stacked_gradient`)."""
+        if self.stacks_without_vmap:
+            def losses_of(part):
+                return self._stacked_loss(self.model, params, part)
+        else:
+            def losses_of(part):
+                return vmap(lambda one: self.loss(self.model, {**one, **self.buffers}, part))(params)
+        size = num_samples(data)
+        with torch.no_grad():
+            parts = [losses_of(select(data, slice(start, start + chunk_size))) for start in range(0, size, chunk_size)]
+        return torch.cat(parts, dim=1)
 
     def hvp_and_sample_dots(
         self, theta: torch.Tensor, batch: Batch, directions: torch.Tensor

@@ -2,20 +2,23 @@
 
 Prints, on the same problem and machine:
 
-* batched leave-one-out (stacks of counterfactual runs under vmap, each run joining its stack at
-  its sample's first step) against a plain loop that retrains one model per removed sample from
-  scratch. A second loop starts each retrain at the last checkpoint before the sample's first
-  use, which isolates the gain of batching alone;
+* batched leave-one-out (stacks of counterfactual runs trained together, each run joining its
+  stack at its sample's first step) against a plain loop that retrains one model per removed
+  sample from scratch. A second loop starts each retrain at the last checkpoint before the
+  sample's first use, which isolates the gain of batching alone. The batched path is timed as the
+  median of ``--repeats`` runs after one untimed warm-up run; each loop takes 10 to 30 seconds
+  and runs once;
 * the cost of an SGD- and an AdamW-influence sweep over all test points, as a multiple of one
   training run.
 
-Usage: python scripts/benchmark_core.py [--samples 200] [--dtype float64] [--chunk-size 50]
+Usage: python scripts/benchmark_core.py [--samples 200] [--dtype float64] [--chunk-size 100] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -57,12 +60,20 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+def median_timed(repeats: int, function, *args, **kwargs):
+    """Run once untimed, then ``repeats`` times; return the last result and the median time."""
+    function(*args, **kwargs)
+    runs = [timed(function, *args, **kwargs) for _ in range(repeats)]
+    return runs[-1][0], statistics.median(seconds for _, seconds in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200, help="removed training samples")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--chunk-size", type=int, default=100, help="counterfactual runs per stack")
     parser.add_argument("--query-chunk-size", type=int, default=100, help="test functions per sweep")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the batched path (median)")
     arguments = parser.parse_args()
 
     configure_torch(deterministic=True)
@@ -84,14 +95,16 @@ def main() -> None:
     trajectory, train_seconds = timed(train, task, data.train, batches, lrs, optimizer, progress=False)
     print(f"training run: {train_seconds:.3f} s")
 
-    batched, batched_seconds = timed(
-        leave_one_out, task, data.train, data.test, trajectory, samples,
+    batched, batched_seconds = median_timed(
+        arguments.repeats, leave_one_out, task, data.train, data.test, trajectory, samples,
         chunk_size=arguments.chunk_size, progress=False,
     )
     looped_warm, warm_seconds = timed(looped_leave_one_out, task, data, trajectory, samples, warm_start=True)
     looped_cold, cold_seconds = timed(looped_leave_one_out, task, data, trajectory, samples, warm_start=False)
     agreement = float((batched - looped_cold).abs().max() / looped_cold.abs().max())
-    print(f"leave-one-out, batched (vmap stacks of {arguments.chunk_size}): {batched_seconds:.2f} s")
+    path = "one stacked forward pass" if task.stacks_without_vmap else "vmap"
+    print(f"leave-one-out, batched (stacks of {arguments.chunk_size}, {path}, "
+          f"median of {arguments.repeats}): {batched_seconds:.2f} s")
     print(f"leave-one-out, loop from the checkpoint:     {warm_seconds:.2f} s  "
           f"(batched is {warm_seconds / batched_seconds:.1f}x faster)")
     print(f"leave-one-out, loop from scratch:            {cold_seconds:.2f} s  "

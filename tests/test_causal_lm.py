@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import vmap
 
 from attrbench.causal_lm import IGNORE_INDEX, causal_lm_loss, trim_padding
 from attrbench.tasks import Task, select
@@ -90,7 +89,7 @@ def test_micro_batches_match_whole_batch(problem):
 
 
 def test_stacked_gradients_match_loop(problem):
-    """vmap over a stack of models, as leave-one-out retraining runs it."""
+    """Task.stacked_gradient (vmap for these models), as leave-one-out retraining runs it."""
     task, train_data, _ = problem
     generator = torch.Generator().manual_seed(1)
     base = task.initial_parameters()
@@ -101,7 +100,10 @@ def test_stacked_gradients_match_loop(problem):
     weights[2, 0] = 0.0
     denominators = torch.tensor([size, size, size - 1.0], dtype=torch.float64)
 
-    stacked, stacked_losses = vmap(task.batch_gradient, in_dims=(0, None, 0, 0))(thetas, train_data, weights, denominators)
+    assert not task.stacks_without_vmap
+    gradients, stacked_losses = task.stacked_gradient(task.layout.unflatten_stack(thetas), train_data, weights,
+                                                      denominators)
+    stacked = task.layout.flatten_stack(gradients)
     for row in range(3):
         gradient, losses = task.batch_gradient(thetas[row], train_data, weights[row], denominators[row])
         assert torch.allclose(stacked[row], gradient, rtol=1e-10, atol=1e-14), row

@@ -97,3 +97,28 @@ def test_state_round_trip_and_broadcast():
     optimizer_step(stacked_optimizer, stacked, gradient.expand(3, 7), 0.1)
     for row in range(3):
         assert torch.equal(stacked[row].detach(), theta.detach())
+
+
+def test_list_of_parameters_steps_like_one_flat_vector():
+    """The stacked leave-one-out optimizer holds one tensor per layer; the update is the same."""
+    spec = OptimizerSpec.from_config({"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95], "weight_decay": 0.1})
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(10, dtype=torch.float64, generator=generator, requires_grad=True)
+    pieces = [flat.detach()[:6].clone().view(2, 3).requires_grad_(True), flat.detach()[6:].clone().requires_grad_(True)]
+    flat_optimizer, pieces_optimizer = spec.build(flat, lr=0.0), spec.build(pieces, lr=0.0)
+    for lr in (0.1, 0.05, 0.02):
+        gradient = torch.randn(10, dtype=torch.float64, generator=generator)
+        optimizer_step(flat_optimizer, flat, gradient, lr)
+        optimizer_step(pieces_optimizer, pieces, [gradient[:6].view(2, 3), gradient[6:]], lr)
+    assert torch.equal(torch.cat([pieces[0].detach().flatten(), pieces[1].detach()]), flat.detach())
+
+
+def test_fused_step_rejects_a_gradient_in_another_layout():
+    """torch's fused CPU AdamW reads a transposed gradient in storage order, updating wrong entries."""
+    spec = OptimizerSpec.from_config({"_target_": "torch.optim.AdamW", "fused": True})
+    theta = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    optimizer = spec.build(theta, lr=0.0)
+    transposed = torch.randn(4, 3, dtype=torch.float64).T
+    with pytest.raises(ValueError, match="strides"):
+        optimizer_step(optimizer, theta, transposed, 0.1)
+    optimizer_step(optimizer, theta, transposed.contiguous(), 0.1)

@@ -10,11 +10,13 @@ Two removal semantics are supported:
   plain retraining without the sample does). A batch that loses its only sample contributes a
   zero gradient.
 
-M counterfactuals are trained together as one stacked parameter tensor ``[M, P]`` with the real
-torch optimizer. Its update is elementwise, so each row is an independent run. The batch
-gradients of all rows come from one ``vmap`` of :meth:`Task.batch_gradient` over the stack with a
-per-row sample-weight mask. Row 0 of every stack is the unmodified run, trained by the same
-kernels, and ``delta = F(row j) - F(row 0)``, so batched-versus-unbatched rounding cancels.
+M counterfactuals are trained together as a stack, one ``[M, *shape]`` tensor per model
+parameter, with the real torch optimizer. Its update is elementwise, so each row is an
+independent run. The batch gradients of all rows come from one call of
+:meth:`Task.stacked_gradient` with a per-row sample-weight mask: a single stacked forward and
+backward pass for MLPs, a ``vmap`` over the rows for other models. Row 0 of every stack is the
+unmodified run, trained by the same kernels, and ``delta = F(row j) - F(row 0)``, so
+batched-versus-unbatched rounding cancels.
 
 A stack starts at the latest stored checkpoint before any of its samples is first used, and each
 counterfactual row joins the stack at its own sample's first step, so no step that would only
@@ -27,11 +29,10 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch.func import vmap
 from tqdm.auto import tqdm
 
 from attrbench.tasks import Batch, Task, select
-from attrbench.training.optim import load_state, optimizer_step
+from attrbench.training.optim import optimizer_step, step_tensor
 from attrbench.training.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,6 @@ def retrain_without(
         raise ValueError(f"checkpoint {start} is after the first use of a removed sample; start earlier")
     stack = _ModelStack(trajectory, trajectory.state(start, device), capacity=len(removed) + 1)
     removed = removed.to(device)
-    stacked_gradient = vmap(task.batch_gradient, in_dims=(0, None, 0, 0))
     rows: list[int] = []  # position in ``removed`` of stack rows 1, 2, ...
 
     for step in range(start + 1, trajectory.num_steps + 1):
@@ -128,16 +128,15 @@ def retrain_without(
             stack.add_copies_of_first_row(len(joining))
             rows += joining
         batch_index = trajectory.batches.batch(step).to(device)
-        weights = _removal_weights(batch_index, removed[rows], stack.theta.dtype)
+        weights = _removal_weights(batch_index, removed[rows], stack.dtype)
         denominators = _denominators(weights, removal)
         with torch.no_grad():
-            gradients, losses = stacked_gradient(stack.theta.detach(), select(train_data, batch_index), weights,
-                                                 denominators)
+            gradients, losses = task.stacked_gradient(stack.named_parameters(), select(train_data, batch_index),
+                                                      weights, denominators)
         _check_finite(losses, weights, step, removed[rows])
-        optimizer_step(stack.optimizer, stack.theta, gradients, trajectory.lrs[step - 1])
+        stack.step([gradients[name] for name in trajectory.layout.names], trajectory.lrs[step - 1])
 
-    with torch.no_grad():
-        test_losses = vmap(task.evaluate_losses, in_dims=(0, None))(stack.theta.detach(), test_data)
+    test_losses = task.stacked_losses(stack.named_parameters(), test_data)
     delta = torch.zeros(test_losses.shape[1], len(removed), dtype=test_losses.dtype, device=test_losses.device)
     delta[:, rows] = (test_losses[1:] - test_losses[0]).T
     return delta
@@ -146,46 +145,67 @@ def retrain_without(
 class _ModelStack:
     """A stack of models trained by one torch optimizer, with room to add rows.
 
-    The parameters and every optimizer-state tensor live in buffers with ``capacity`` rows. The
-    optimizer's parameter is the view of the first ``size`` rows, and its state tensors are views
-    of the same rows, so the optimizer updates the buffers in place. Adding rows copies row 0
-    into the next free rows and rebuilds the optimizer over the longer views; nothing else moves.
+    Every model parameter (in the trajectory's layout) and every optimizer-state tensor of it
+    lives in its own buffer of ``capacity`` rows, ``[capacity, *shape]``. The optimizer's
+    parameters are the views of the first ``size`` rows, and their state tensors are views of
+    the same rows, so the optimizer updates the buffers in place. Adding rows copies row 0 into
+    the next free rows and rebuilds the optimizer over the longer views; nothing else moves.
+    Keeping one tensor per parameter, rather than one flat vector per model, means the per-layer
+    gradients reach the optimizer without being concatenated at every step.
     """
 
     def __init__(self, trajectory: Trajectory, state: dict[str, torch.Tensor], capacity: int):
         self.trajectory = trajectory
-        self.buffers = {
-            key: value.new_empty((capacity, *value.shape)) for key, value in state.items() if value.dim() > 0
-        }
-        for key, buffer in self.buffers.items():
-            buffer[0] = state[key]
+        self.layout = trajectory.layout
+        self.capacity = capacity
+        self.buffers: dict[str, list[torch.Tensor]] = {}
+        for key, value in state.items():
+            if value.dim() > 0:
+                first_rows = self.layout.unflatten_stack(value.unsqueeze(0))
+                self.buffers[key] = [first_rows[name].new_empty((capacity, *first_rows[name].shape[1:]))
+                                     for name in self.layout.names]
+                for buffer, name in zip(self.buffers[key], self.layout.names):
+                    buffer[0] = first_rows[name][0]
         self.size = 1
-        self.theta = self.buffers["theta"][:1].detach().requires_grad_(True)
-        self.optimizer = trajectory.optimizer.build(self.theta, lr=0.0)
-        load_state(self.optimizer, self.theta, state)  # sets the step counter as torch keeps it
-        self._use_buffers_as_state()
+        self._build(state.get("step"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach() for name, param in zip(self.layout.names, self.params)}
+
+    def step(self, gradients: list[torch.Tensor], lr: float) -> None:
+        optimizer_step(self.optimizer, self.params, gradients, lr)
 
     def add_copies_of_first_row(self, count: int) -> None:
-        state = self.optimizer.state[self.theta]
-        for key, value in state.items():  # state the optimizer created at its first step
+        first_state = self.optimizer.state[self.params[0]]
+        for key, value in first_state.items():  # state the optimizer created at its first step
             if key not in self.buffers and torch.is_tensor(value) and value.dim() > 0:
-                self.buffers[key] = value.new_empty((self.buffers["theta"].shape[0], *value.shape[1:]))
-                self.buffers[key][: self.size] = value
-        step_counter = state.get("step")
-        for buffer in self.buffers.values():
-            buffer[self.size : self.size + count] = buffer[0]
+                self.buffers[key] = []
+                for param in self.params:
+                    current = self.optimizer.state[param][key]
+                    buffer = current.new_empty((self.capacity, *current.shape[1:]))
+                    buffer[: self.size] = current
+                    self.buffers[key].append(buffer)
+        step_counter = first_state.get("step")
+        for pieces in self.buffers.values():
+            for buffer in pieces:
+                buffer[self.size : self.size + count] = buffer[0]
         self.size += count
-        self.theta = self.buffers["theta"][: self.size].detach().requires_grad_(True)
-        self.optimizer = self.trajectory.optimizer.build(self.theta, lr=0.0)
-        if step_counter is not None:
-            self.optimizer.state[self.theta]["step"] = step_counter
-        self._use_buffers_as_state()
+        self._build(step_counter)
 
-    def _use_buffers_as_state(self) -> None:
-        state = self.optimizer.state[self.theta]
-        for key, buffer in self.buffers.items():
-            if key != "theta":
-                state[key] = buffer[: self.size]
+    def _build(self, step_counter: torch.Tensor | None) -> None:
+        self.params = [buffer[: self.size].detach().requires_grad_(True) for buffer in self.buffers["theta"]]
+        self.optimizer = self.trajectory.optimizer.build(self.params, lr=0.0)
+        for index, param in enumerate(self.params):
+            state = self.optimizer.state[param]
+            for key, pieces in self.buffers.items():
+                if key != "theta":
+                    state[key] = pieces[index][: self.size]
+            if step_counter is not None:  # each parameter needs its own counter: steps increment it in place
+                state["step"] = step_tensor(self.optimizer, param, step_counter)
 
 
 def _removal_weights(batch_index: torch.Tensor, removed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

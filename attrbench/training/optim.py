@@ -63,8 +63,8 @@ class OptimizerSpec:
                 "AdamW-influence does not model; use optimizer=adamw (decoupled decay) instead"
             )
 
-    def build(self, theta: torch.Tensor, lr: float) -> torch.optim.Optimizer:
-        """Construct the optimizer over the single tensor ``theta``.
+    def build(self, theta: torch.Tensor | list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        """Construct the optimizer over ``theta``: one tensor, or a list of tensors in one group.
 
         Without ``fused`` in the config this is torch's per-op implementation
         (``foreach=False``), whose elementwise results do not depend on where an entry sits in
@@ -76,7 +76,8 @@ class OptimizerSpec:
         kwargs = dict(self.kwargs)
         if not kwargs.get("fused"):
             kwargs.setdefault("foreach", False)
-        return get_class(self.target)([theta], lr=lr, **kwargs)
+        params = list(theta) if isinstance(theta, (list, tuple)) else [theta]
+        return get_class(self.target)(params, lr=lr, **kwargs)
 
     def hyperparameters(self) -> dict:
         """Return the constructor arguments with torch's defaults filled in, as in ``param_groups``."""
@@ -120,12 +121,12 @@ def load_state(optimizer: torch.optim.Optimizer, theta: torch.Tensor, state: dic
         if key == "theta":
             continue
         if key == "step":
-            optimizer.state[theta][key] = _step_tensor(optimizer, theta, value)
+            optimizer.state[theta][key] = step_tensor(optimizer, theta, value)
         else:
             optimizer.state[theta][key] = value.to(theta.dtype).expand_as(theta).clone()
 
 
-def _step_tensor(optimizer: torch.optim.Optimizer, theta: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def step_tensor(optimizer: torch.optim.Optimizer, theta: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The step counter as torch creates it: float32, on the parameter's device for fused kernels.
 
     The counter is a whole number well below 2**24, so float32 represents it exactly.
@@ -134,10 +135,32 @@ def _step_tensor(optimizer: torch.optim.Optimizer, theta: torch.Tensor, value: t
     return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, theta: torch.Tensor, gradient: torch.Tensor, lr: float) -> None:
-    """Take one optimizer step on ``theta`` with the given gradient and learning rate."""
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    theta: torch.Tensor | list[torch.Tensor],
+    gradient: torch.Tensor | list[torch.Tensor],
+    lr: float,
+) -> None:
+    """Take one optimizer step on ``theta`` with the given gradient and learning rate.
+
+    ``theta`` and ``gradient`` are one tensor each, or lists of matching tensors. With a fused
+    optimizer each gradient must have its parameter's memory layout: torch's fused CPU kernels read
+    a gradient's storage in order, so a transposed gradient would silently update the wrong
+    entries. That case raises instead.
+    """
+    params = theta if isinstance(theta, (list, tuple)) else [theta]
+    gradients = gradient if isinstance(gradient, (list, tuple)) else [gradient]
+    fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    theta.grad = gradient
+    for param, value in zip(params, gradients, strict=True):
+        same_layout = value.stride() == param.stride() or (value.is_contiguous() and param.is_contiguous())
+        if value.shape != param.shape or (fused and not same_layout):
+            raise ValueError(
+                f"gradient of shape {tuple(value.shape)} and strides {value.stride()} does not match its "
+                f"parameter's shape {tuple(param.shape)} and strides {param.stride()}; pass .contiguous() gradients"
+            )
+        param.grad = value
     optimizer.step()
-    theta.grad = None
+    for param in params:
+        param.grad = None
