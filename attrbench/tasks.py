@@ -56,9 +56,11 @@ def classification_loss(model: nn.Module, params: dict[str, torch.Tensor], batch
 def _stacked_classification_loss(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
     """:func:`classification_loss` of M models at once: ``params`` entries ``[M, ...]``, result ``[M, B]``."""
     logits = stacked_forward(model, params, batch["x"])
-    copies, size, classes = logits.shape
-    labels = batch["y"].repeat(copies)
-    return F.cross_entropy(logits.reshape(copies * size, classes), labels, reduction="none").view(copies, size)
+    copies, size, _ = logits.shape
+    # -log softmax(logits)[label] = logsumexp(logits) - logits[label]; over [M, B, classes] this is
+    # faster than F.cross_entropy on [M * B, classes] and agrees with it to rounding.
+    labels = batch["y"].view(1, size, 1).expand(copies, size, 1)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, labels).squeeze(-1)
 
 
 # Per-sample losses with a form that evaluates a stack of models without vmap (see

@@ -5,13 +5,13 @@ Prints, on the same problem and machine:
 * batched leave-one-out (stacks of counterfactual runs trained together, each run joining its
   stack at its sample's first step) against a plain loop that retrains one model per removed
   sample from scratch. A second loop starts each retrain at the last checkpoint before the
-  sample's first use, which isolates the gain of batching alone. The batched path is timed as the
-  median of ``--repeats`` runs after one untimed warm-up run; each loop takes 10 to 30 seconds
-  and runs once;
+  sample's first use, which isolates the gain of batching alone. The batched path and the loops
+  run in alternation (``--rounds``), so that a change of machine load during the run affects
+  both alike;
 * the cost of an SGD- and an AdamW-influence sweep over all test points, as a multiple of one
   training run.
 
-Usage: python scripts/benchmark_core.py [--samples 200] [--dtype float64] [--chunk-size 100] [--repeats 3]
+Usage: python scripts/benchmark_core.py [--samples 200] [--dtype float64] [--chunk-size 100] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -60,11 +60,26 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def median_timed(repeats: int, function, *args, **kwargs):
-    """Run once untimed, then ``repeats`` times; return the last result and the median time."""
-    function(*args, **kwargs)
-    runs = [timed(function, *args, **kwargs) for _ in range(repeats)]
-    return runs[-1][0], statistics.median(seconds for _, seconds in runs)
+def interleaved_leave_one_out(task, data, trajectory, samples, chunk_size: int, rounds: int):
+    """Time batched and looped leave-one-out in alternation, so both see the same machine load.
+
+    The removed samples are cut into ``rounds`` groups. Each round runs the batched path on all
+    samples, then both loops on the round's group. The batched time is the median over rounds
+    (after one untimed warm-up run); each loop's time is its sum over the groups.
+    """
+    leave_one_out(task, data.train, data.test, trajectory, samples, chunk_size=chunk_size, progress=False)
+    batched_times, loop_times = [], {True: 0.0, False: 0.0}
+    columns = {True: [], False: []}
+    for group in torch.tensor_split(torch.arange(len(samples)), rounds):
+        batched, seconds = timed(leave_one_out, task, data.train, data.test, trajectory, samples,
+                                 chunk_size=chunk_size, progress=False)
+        batched_times.append(seconds)
+        for warm_start in (True, False):
+            looped, seconds = timed(looped_leave_one_out, task, data, trajectory, samples[group], warm_start)
+            loop_times[warm_start] += seconds
+            columns[warm_start].append(looped)
+    looped = {warm_start: torch.cat(parts, dim=1) for warm_start, parts in columns.items()}
+    return batched, statistics.median(batched_times), looped, loop_times
 
 
 def main() -> None:
@@ -73,7 +88,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--chunk-size", type=int, default=100, help="counterfactual runs per stack")
     parser.add_argument("--query-chunk-size", type=int, default=100, help="test functions per sweep")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the batched path (median)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternations of batched and looped leave-one-out (batched time: median)")
     arguments = parser.parse_args()
 
     configure_torch(deterministic=True)
@@ -95,20 +111,17 @@ def main() -> None:
     trajectory, train_seconds = timed(train, task, data.train, batches, lrs, optimizer, progress=False)
     print(f"training run: {train_seconds:.3f} s")
 
-    batched, batched_seconds = median_timed(
-        arguments.repeats, leave_one_out, task, data.train, data.test, trajectory, samples,
-        chunk_size=arguments.chunk_size, progress=False,
+    batched, batched_seconds, looped, loop_seconds = interleaved_leave_one_out(
+        task, data, trajectory, samples, arguments.chunk_size, arguments.rounds
     )
-    looped_warm, warm_seconds = timed(looped_leave_one_out, task, data, trajectory, samples, warm_start=True)
-    looped_cold, cold_seconds = timed(looped_leave_one_out, task, data, trajectory, samples, warm_start=False)
-    agreement = float((batched - looped_cold).abs().max() / looped_cold.abs().max())
+    agreement = float((batched - looped[False]).abs().max() / looped[False].abs().max())
     path = "one stacked forward pass" if task.stacks_without_vmap else "vmap"
     print(f"leave-one-out, batched (stacks of {arguments.chunk_size}, {path}, "
-          f"median of {arguments.repeats}): {batched_seconds:.2f} s")
-    print(f"leave-one-out, loop from the checkpoint:     {warm_seconds:.2f} s  "
-          f"(batched is {warm_seconds / batched_seconds:.1f}x faster)")
-    print(f"leave-one-out, loop from scratch:            {cold_seconds:.2f} s  "
-          f"(batched is {cold_seconds / batched_seconds:.1f}x faster)")
+          f"median of {arguments.rounds}): {batched_seconds:.2f} s")
+    print(f"leave-one-out, loop from the checkpoint:     {loop_seconds[True]:.2f} s  "
+          f"(batched is {loop_seconds[True] / batched_seconds:.1f}x faster)")
+    print(f"leave-one-out, loop from scratch:            {loop_seconds[False]:.2f} s  "
+          f"(batched is {loop_seconds[False] / batched_seconds:.1f}x faster)")
     print(f"max relative difference batched vs loop: {agreement:.1e}")
 
     for name in ("sgd_influence", "adamw_influence"):
