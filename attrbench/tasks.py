@@ -141,7 +141,7 @@ class Task:
         ``weights[m]`` and denominator ``denominators[m]``, kept per parameter tensor instead of as
         one flat vector. Models that :func:`~attrbench.models.stacked.supports_stacking` accepts
         run as one stacked forward pass with a reverse-mode backward through it; all others run
-        under ``vmap``. Both agree to rounding (tests compare them).
+        under ``vmap``. The tests check both against a loop of :meth:`batch_gradient` calls.
 
         Args:
             params: Parameters by layout name, each ``[M, *shape]``.

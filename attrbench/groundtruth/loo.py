@@ -161,11 +161,11 @@ class _ModelStack:
         self.buffers: dict[str, list[torch.Tensor]] = {}
         for key, value in state.items():
             if value.dim() > 0:
-                first_rows = self.layout.unflatten_stack(value.unsqueeze(0))
-                self.buffers[key] = [first_rows[name].new_empty((capacity, *first_rows[name].shape[1:]))
-                                     for name in self.layout.names]
-                for buffer, name in zip(self.buffers[key], self.layout.names):
-                    buffer[0] = first_rows[name][0]
+                pieces = torch.split(value, self.layout.numels)
+                self.buffers[key] = [piece.new_empty((capacity, *shape))
+                                     for piece, shape in zip(pieces, self.layout.shapes)]
+                for buffer, piece in zip(self.buffers[key], pieces):
+                    buffer[0] = piece.view(buffer.shape[1:])
         self.size = 1
         self._build(state.get("step"))
 
