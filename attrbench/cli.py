@@ -28,9 +28,12 @@ commands:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if not argv:  # a missing command is a usage error, as in argparse-based tools
+        print(f"attrbench: no command given\n\n{USAGE}", file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     if command == "run":
         from attrbench.app import run_app

@@ -82,5 +82,12 @@ def test_unknown_setting_lists_choices(tmp_path):
 
 
 def test_usage_without_command(tmp_path):
-    result = run_cli(cwd=tmp_path)
+    result = run_cli(cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "no command given" in result.stderr
+    assert "attrbench <command>" in result.stderr
+
+
+def test_help_lists_commands(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
     assert "attrbench <command>" in result.stdout
