@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from attrbench.experiment import ConfigError
 from attrbench.pipeline import run_experiment
 from attrbench.reporting.sweep import record_failure
 
@@ -56,6 +58,20 @@ def interruptible() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def config_errors_reported(command: str) -> Iterator[None]:
+    """Print a :class:`ConfigError` as one line on stderr and exit with status 1, without a traceback.
+
+    The run directory's ``failed.json`` keeps the message. Other exceptions keep Hydra's report
+    with a traceback, because they are not the user's input.
+    """
+    try:
+        yield
+    except ConfigError as error:
+        print(f"{command}: invalid config: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run_app(cfg: DictConfig) -> float | None:
     """Run one experiment in the Hydra run directory; return AdamW-influence's mean Spearman.
@@ -68,7 +84,11 @@ def run_app(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     output_dir = hydra_config.runtime.output_dir
     sweep_job = hydra_config.mode == RunMode.MULTIRUN
-    with interruptible(), record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job):
+    with (
+        config_errors_reported("attrbench run"),
+        interruptible(),
+        record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job),
+    ):
         table = run_experiment(cfg, output_dir)
         if table is None:  # a ground-truth shard job whose other shards are not finished yet
             return None

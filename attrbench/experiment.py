@@ -70,8 +70,25 @@ def describe_variant(data: DataSplits, model: torch.nn.Module) -> str:
     return f"{data_variant} data, {model_variant} model"
 
 
+class ConfigError(ValueError):
+    """A config value that is invalid or contradicts another; the message names the key and the fix."""
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Reject unknown or contradictory settings before any work starts."""
+    """Reject unknown or contradictory settings before any work starts.
+
+    Raises:
+        ConfigError: For the first invalid value found.
+    """
+    try:
+        _check_config(cfg)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the checks of other modules raise plain ValueErrors
+        raise ConfigError(str(error)) from None
+
+
+def _check_config(cfg: DictConfig) -> None:
     if cfg.dtype not in RUN_DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is not one of {', '.join(RUN_DTYPES)}")
     storage = cfg.trajectory.storage_dtype
@@ -83,6 +100,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"influence.methods contains {method!r}; available: {', '.join(METHODS)}")
     if cfg.setting.task not in LOSSES:
         raise ValueError(f"setting.task={cfg.setting.task!r} is not one of {', '.join(LOSSES)}")
+    _check_groups_fit_task(cfg)
     if not cfg.influence.methods:
         raise ValueError(f"influence.methods is empty; name at least one of {', '.join(METHODS)}")
     _check_integer("seed", cfg.seed, minimum=0)
@@ -108,6 +126,42 @@ def validate_config(cfg: DictConfig) -> None:
         )
     OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     check_analysis(cfg)
+
+
+# The task that the data loaders and models of each attrbench module are built for, and the
+# config-group choices that fit each task.
+TASK_OF_MODULE = {
+    "attrbench.data.mnist": "classification",
+    "attrbench.data.cifar": "classification",
+    "attrbench.data.text_blocks": "causal_lm",
+    "attrbench.data.sft": "causal_lm",
+    "attrbench.models.mlp": "classification",
+    "attrbench.models.cnn": "classification",
+    "attrbench.models.causal_lm": "causal_lm",
+}
+CHOICES_FOR_TASK = {
+    "classification": {"data": "mnist or cifar10", "model": "mlp or cnn"},
+    "causal_lm": {"data": "embedded_text, wikitext2, embedded_sft or alpaca_samsum",
+                  "model": "tiny_gpt2, gpt2, tiny_llama or llama3_2_1b"},
+}
+
+
+def _check_groups_fit_task(cfg: DictConfig) -> None:
+    """Reject a data or model config built for another task than ``setting.task``.
+
+    Without this check, ``setting=mnist_mlp model=tiny_gpt2`` fails deep inside the embedding
+    layer with a dtype error.
+    """
+    task = cfg.setting.task
+    for group in ("data", "model"):
+        target = cfg[group].get("_target_") if OmegaConf.is_dict(cfg.get(group)) else None
+        built_for = TASK_OF_MODULE.get(target.rpartition(".")[0]) if isinstance(target, str) else None
+        if built_for is None or built_for == task:
+            continue  # a user's own loader or model: nothing to compare with
+        raise ValueError(
+            f"{group} config {target} is built for {built_for} but setting.task={task}; "
+            f"choose {group}={CHOICES_FOR_TASK[task][group]}, or a setting for {built_for}"
+        )
 
 
 def _check_integer(key: str, value, minimum: int, nullable: bool = False) -> None:

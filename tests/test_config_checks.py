@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from attrbench.app import CONFIG_DIR
-from attrbench.experiment import resolve_device, validate_config
+from attrbench.experiment import ConfigError, resolve_device, validate_config
 
 
 def _compose(*overrides: str):
@@ -38,9 +38,39 @@ def _compose(*overrides: str):
     ],
 )
 def test_invalid_value_is_rejected(override, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ConfigError) as error:
         validate_config(_compose(override))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=tiny_gpt2"], "model config attrbench.models.causal_lm.tiny_gpt2 is built for causal_lm"),
+        (["model=tiny_llama"], "choose model=mlp or cnn"),
+        (["data=embedded_text"], "data config attrbench.data.text_blocks.load_embedded_text is built for causal_lm"),
+        (["setting=gpt2", "data=mnist"], "choose data=embedded_text, wikitext2, embedded_sft or alpaca_samsum"),
+        (["setting=gpt2", "data=embedded_text", "model=mlp"], "model config attrbench.models.mlp.MLP is built for"),
+    ],
+)
+def test_group_for_another_task_is_rejected(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(_compose(*overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["setting=cifar_cnn", "data=mnist", "model=mlp"],
+        ["setting=cifar_cnn", "data=mnist", "model=cnn"],
+        ["setting=gpt2", "data=embedded_text", "model=tiny_gpt2"],
+        ["setting=llama", "data=embedded_sft", "model=tiny_llama"],
+        ["setting=gpt2", "data=embedded_sft", "model=tiny_llama"],
+    ],
+)
+def test_groups_for_the_same_task_are_valid(overrides):
+    validate_config(_compose(*overrides))
 
 
 def test_default_config_is_valid():

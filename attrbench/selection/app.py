@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from attrbench.app import CONFIG_DIR, interruptible
+from attrbench.app import CONFIG_DIR, config_errors_reported, interruptible
 from attrbench.reporting.sweep import record_failure
 from attrbench.selection.runner import run_selection
 
@@ -22,6 +22,10 @@ def select_app(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     output_dir = hydra_config.runtime.output_dir
     sweep_job = hydra_config.mode == RunMode.MULTIRUN
-    with interruptible(), record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job):
+    with (
+        config_errors_reported("attrbench select"),
+        interruptible(),
+        record_failure(output_dir, list(hydra_config.overrides.task), continue_on_error=sweep_job),
+    ):
         return run_selection(cfg, output_dir)["test_loss"]
     return None

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call
 
-from attrbench.experiment import build_training_schedule, derive_seed, load_data_and_task, validate_config
+from attrbench.experiment import ConfigError, build_training_schedule, derive_seed, load_data_and_task, validate_config
 from attrbench.io import save_tensors, sha256, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
@@ -67,8 +67,18 @@ class SelectionSetup:
 
 
 def validate_selection(cfg: DictConfig) -> None:
-    """Reject unknown or out-of-range ``selection`` settings before any work starts."""
-    selection = cfg.selection
+    """Reject unknown or out-of-range ``selection`` settings before any work starts.
+
+    Raises:
+        ConfigError: For the first invalid value found.
+    """
+    try:
+        _check_selection(cfg.selection)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_selection(selection: DictConfig) -> None:
     if selection.method not in SELECTION_METHODS:
         raise ValueError(
             f"selection.method={selection.method!r} is not one of {', '.join(SELECTION_METHODS)}"
