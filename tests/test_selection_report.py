@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from attrbench.app import CONFIG_DIR
+from attrbench.experiment import ConfigError
 from attrbench.io import write_json
 from attrbench.selection.report import (
     best_horizons,
@@ -129,11 +130,26 @@ def test_report_without_runs_fails_clearly(tmp_path, capsys):
         ),
         ("selection.horizon=-2", "selection.horizon=-2 must be an integer of at least 0"),
         ("selection.fraction=1.5", "selection.fraction=1.5 must lie in [0, 1)"),
+        (
+            "selection.fraction=0.2 train.batch_size=2",
+            "selection.fraction=0.2 drops no sample from batches of train.batch_size=2",
+        ),
+        (
+            "selection.fraction=0.5 train.batch_size=1",
+            "selection.fraction=0.5 drops no sample from batches of train.batch_size=1",
+        ),
     ],
 )
 def test_invalid_selection_config_is_rejected(override, message):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("select", overrides=[override])
-    with pytest.raises(ValueError) as error:
+        cfg = compose("select", overrides=["selection.method=random", *override.split()])
+    with pytest.raises(ConfigError) as error:
         validate_selection(cfg)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("method", ["none", "offline"])
+def test_small_batch_is_valid_without_per_batch_drops(method):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("select", overrides=[f"selection.method={method}", "selection.fraction=0.5", "train.batch_size=1"])
+    validate_selection(cfg)

@@ -31,7 +31,7 @@ from attrbench.io import save_tensors, sha256, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
 from attrbench.selection.offline import train_offline
-from attrbench.selection.online import SelectionRun, check_fraction, train_online
+from attrbench.selection.online import SelectionRun, check_fraction, drop_count, train_online
 from attrbench.stages import check_cache_dir, open_stage
 from attrbench.tasks import Batch, Task, num_samples, select
 from attrbench.training.optim import OptimizerSpec
@@ -73,12 +73,12 @@ def validate_selection(cfg: DictConfig) -> None:
         ConfigError: For the first invalid value found.
     """
     try:
-        _check_selection(cfg.selection)
+        _check_selection(cfg.selection, cfg.train.batch_size)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
 
-def _check_selection(selection: DictConfig) -> None:
+def _check_selection(selection: DictConfig, batch_size: int) -> None:
     if selection.method not in SELECTION_METHODS:
         raise ValueError(
             f"selection.method={selection.method!r} is not one of {', '.join(SELECTION_METHODS)}"
@@ -86,6 +86,14 @@ def _check_selection(selection: DictConfig) -> None:
     if not isinstance(selection.horizon, int) or selection.horizon < 0:
         raise ValueError(f"selection.horizon={selection.horizon!r} must be an integer of at least 0")
     check_fraction(selection.fraction)
+    # Random and look-ahead selection drop samples per batch, and always keep one sample of each.
+    per_batch = selection.method in ("random", "lookahead")
+    if per_batch and selection.fraction > 0 and drop_count(batch_size, selection.fraction) == 0:
+        raise ValueError(
+            f"selection.fraction={selection.fraction:g} drops no sample from batches of "
+            f"train.batch_size={batch_size}: the count {selection.fraction:g} x {batch_size} is rounded to a "
+            "whole number and every batch keeps one sample. Raise selection.fraction or train.batch_size"
+        )
 
 
 def build_selection(cfg: DictConfig) -> SelectionSetup:
