@@ -71,7 +71,7 @@ def describe_variant(data: DataSplits, model: torch.nn.Module) -> str:
 
 
 class ConfigError(ValueError):
-    """A config value that is invalid or contradicts another; the message names the key and the fix."""
+    """A config value that is invalid or contradicts another. Its message names the key and the fix."""
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -159,8 +159,8 @@ def _check_groups_fit_task(cfg: DictConfig) -> None:
         if built_for is None or built_for == task:
             continue  # a user's own loader or model: nothing to compare with
         raise ValueError(
-            f"{group} config {target} is built for {built_for} but setting.task={task}; "
-            f"choose {group}={CHOICES_FOR_TASK[task][group]}, or a setting for {built_for}"
+            f"{group} config {target} is built for {built_for} but setting.task={task}. "
+            f"Choose {group}={CHOICES_FOR_TASK[task][group]}, or a setting for {built_for}"
         )
 
 

@@ -47,9 +47,9 @@ def test_invalid_value_is_rejected(override, message):
     "overrides, message",
     [
         (["model=tiny_gpt2"], "model config attrbench.models.causal_lm.tiny_gpt2 is built for causal_lm"),
-        (["model=tiny_llama"], "choose model=mlp or cnn"),
+        (["model=tiny_llama"], "Choose model=mlp or cnn"),
         (["data=embedded_text"], "data config attrbench.data.text_blocks.load_embedded_text is built for causal_lm"),
-        (["setting=gpt2", "data=mnist"], "choose data=embedded_text, wikitext2, embedded_sft or alpaca_samsum"),
+        (["setting=gpt2", "data=mnist"], "Choose data=embedded_text, wikitext2, embedded_sft or alpaca_samsum"),
         (["setting=gpt2", "data=embedded_text", "model=mlp"], "model config attrbench.models.mlp.MLP is built for"),
     ],
 )
