@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from attrbench.experiment import ConfigError
+from attrbench.memory import MemoryBudgetError
 from attrbench.pipeline import run_experiment
 from attrbench.reporting.sweep import record_failure
 
@@ -60,15 +61,20 @@ def interruptible() -> Iterator[None]:
 
 @contextmanager
 def config_errors_reported(command: str) -> Iterator[None]:
-    """Print a :class:`ConfigError` as one line on stderr and exit with status 1, without a traceback.
+    """Print a config error as one line on stderr and exit with status 1, without a traceback.
 
-    The run directory's ``failed.json`` keeps the message. Other exceptions keep Hydra's report
-    with a traceback, because they are not the user's input.
+    Config errors are a :class:`ConfigError` or a :class:`MemoryBudgetError` (a config whose
+    memory plan exceeds ``memory.budget_gb``). The run directory's ``failed.json`` keeps the
+    message. Other exceptions keep Hydra's report with a traceback, because they are not the
+    user's input.
     """
     try:
         yield
     except ConfigError as error:
         print(f"{command}: invalid config: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except MemoryBudgetError as error:
+        print(f"{command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -26,6 +26,24 @@ commands:
 """
 
 
+def _configs_missing(command: str) -> bool:
+    """Print an error and return True when the Hydra configs of ``attrbench run``/``select`` are missing.
+
+    They live in the repository's ``conf/`` directory, which only an editable install (or a
+    source checkout on ``PYTHONPATH``) can see.
+    """
+    from pathlib import Path
+
+    from attrbench.app import CONFIG_DIR
+
+    if Path(CONFIG_DIR).is_dir():
+        return False
+    print(f"attrbench {command}: the Hydra config directory {CONFIG_DIR} does not exist. attrbench reads "
+          "its configs from the repository's conf/ directory: install it with `pip install -e .` "
+          "from a clone of the repository", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -35,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attrbench: no command given\n\n{USAGE}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
+    if command in ("run", "select") and _configs_missing(command):
+        return 1
     if command == "run":
         from attrbench.app import run_app
         from attrbench.reporting.sweep import sweep_exit_status
@@ -49,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "select":
         from attrbench.selection.app import select_app
 
+        from attrbench.reporting.sweep import sweep_exit_status
+
         sys.argv = ["attrbench select", *rest]
         select_app()
-        return 0
+        return sweep_exit_status()
     if command == "select-report":
         from attrbench.selection.report import main as select_report
 

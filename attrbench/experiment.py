@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,11 +82,21 @@ def validate_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: For the first invalid value found.
     """
-    try:
+    with config_checks():
         _check_config(cfg)
+
+
+@contextmanager
+def config_checks() -> Iterator[None]:
+    """Re-raise a ``ValueError`` of a config check as a :class:`ConfigError` with the same message.
+
+    The checks of other modules raise plain ``ValueError`` s, so callers wrap them in this.
+    """
+    try:
+        yield
     except ConfigError:
         raise
-    except ValueError as error:  # the checks of other modules raise plain ValueErrors
+    except ValueError as error:
         raise ConfigError(str(error)) from None
 
 
@@ -95,6 +107,10 @@ def _check_config(cfg: DictConfig) -> None:
     if storage is not None and storage not in DTYPES:
         raise ValueError(f"trajectory.storage_dtype={storage!r} is not one of null, {', '.join(DTYPES)}")
     check_removal(cfg.groundtruth.removal)
+    if not OmegaConf.is_list(cfg.influence.methods):
+        raise ValueError(
+            f"influence.methods={cfg.influence.methods!r} must be a list, for example influence.methods=[sgd_influence]"
+        )
     for method in cfg.influence.methods:
         if method not in METHODS:
             raise ValueError(f"influence.methods contains {method!r}; available: {', '.join(METHODS)}")
@@ -113,6 +129,11 @@ def _check_config(cfg: DictConfig) -> None:
     _check_integer("evaluation.scatter_test_points", cfg.evaluation.scatter_test_points, minimum=1)
     if cfg.train.micro_batch_size is not None:
         _check_integer("train.micro_batch_size", cfg.train.micro_batch_size, minimum=1, nullable=True)
+    for key in ("num_train", "num_test"):
+        if cfg.data.get(key) is not None:
+            _check_integer(f"data.{key}", cfg.data[key], minimum=1, nullable=True)
+    if cfg.evaluation.get("num_scored") is not None:
+        _check_integer("evaluation.num_scored", cfg.evaluation.num_scored, minimum=1, nullable=True)
     lr = cfg.optimizer.lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise ValueError(f"optimizer.lr={lr!r} is not a number; write it as 1e-3 or 0.001")
@@ -124,6 +145,15 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"optimizer.betas={list(betas)} must be two numbers in [0, 1), for example optimizer.betas=[0.9,0.95]"
         )
+    for key, minimum in (("weight_decay", 0.0), ("eps", 0.0)):
+        value = cfg.optimizer.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"optimizer.{key}={value!r} is not a number")
+        if value < minimum or (key == "eps" and value == 0):
+            bound = "positive" if key == "eps" else "at least 0"
+            raise ValueError(f"optimizer.{key}={value} must be {bound}")
     OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
     check_analysis(cfg)
 
@@ -179,9 +209,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"device={name!r} is not a valid torch device; use cpu, cuda, cuda:N or auto") from error
+        raise ConfigError(f"device={name!r} is not a valid torch device; use cpu, cuda, cuda:N or auto") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
+        raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r} is not supported; attrbench runs on cpu or cuda (device=auto picks one)")
     return device
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import OmegaConf
@@ -108,6 +108,8 @@ class MemoryPlan:
         disk_bytes: Size of the saved trajectory (its checkpoints in the storage dtype).
         settings: Current values of the config keys named in :data:`SETTINGS_ADVICE`.
         num_steps: Training steps T.
+        effective: The values the plan used for those keys, where the run's sizes cap the
+            configured ones (``groundtruth.chunk_size`` by the removed samples, say).
     """
 
     device: str
@@ -117,6 +119,7 @@ class MemoryPlan:
     disk_bytes: int
     settings: dict
     num_steps: int
+    effective: dict = field(default_factory=dict)
 
     def stage_bytes(self, stage: str) -> int:
         return sum(item.nbytes for item in self.items if item.stage == stage)
@@ -176,6 +179,9 @@ class MemoryPlan:
         for key in sorted(SETTINGS_ADVICE, key=weight, reverse=True):
             effect = SETTINGS_ADVICE[key].format(steps=self.num_steps, balance=balance)
             value = "null" if self.settings[key] is None else self.settings[key]
+            used = self.effective.get(key)
+            if used is not None and self.settings[key] is not None and used < self.settings[key]:
+                value = f"{value}, but this run uses {used}, so only a value below {used} has an effect"
             lines.append(f"{key} (now {value}): {effect}")
         return lines
 
@@ -261,6 +267,11 @@ def plan_memory(experiment, budget_gb: object = "auto") -> MemoryPlan:
         disk_bytes=sizes.stored_checkpoints * checkpoint_bytes,
         settings=settings,
         num_steps=sizes.num_steps,
+        effective={
+            "influence.query_chunk_size": sizes.queries,
+            "groundtruth.chunk_size": sizes.models - 1,
+            "train.micro_batch_size": sizes.micro_batch,
+        },
     )
 
 

@@ -25,7 +25,7 @@ from attrbench.analysis import run_analysis
 from attrbench.evaluation.metrics import rowwise_correlations, summarize
 from attrbench.evaluation.plots import plot_scatter, plot_spearman_bars
 from attrbench.evaluation.report import format_markdown, write_table
-from attrbench.experiment import Experiment, build_experiment, validate_config
+from attrbench.experiment import Experiment, build_experiment, config_checks, validate_config
 from attrbench.groundtruth.resume import SHARD_FILE, ShardWork, compute_shard
 from attrbench.groundtruth.shards import (
     MergedGroundTruth, MissingShardsError, Shard, ShardIdentity, check_sharding, merge_shards, plan_chunks,
@@ -36,6 +36,7 @@ from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_t
 from attrbench.memory import check_memory
 from attrbench.stages import Stage, check_cache_dir, config_key, copy_file, open_stage, suggest_on_out_of_memory
 from attrbench.tasks import Batch, fingerprint, select
+from attrbench.training.optim import OptimizerSpec
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
 
@@ -55,13 +56,19 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     started = time.perf_counter()
     gt = cfg.groundtruth
     validate_config(cfg)  # before the sharding check, whose messages assume valid sizes
-    check_cache_dir(cfg.cache_dir)
-    check_sharding(gt.num_samples, gt.chunk_size, gt.num_shards, gt.shard)
+    with config_checks():
+        check_cache_dir(cfg.cache_dir)
+        check_sharding(gt.num_samples, gt.chunk_size, gt.num_shards, gt.shard)
+        optimizer = OptimizerSpec.from_config(OmegaConf.to_container(cfg.optimizer, resolve=True))
+        for method in cfg.influence.methods:  # before training, not when the method's stage starts
+            build_method(method).check_optimizer(optimizer)
     experiment = build_experiment(cfg)
-    num_scored(experiment)  # rejects an invalid evaluation.num_scored before any work
+    with config_checks():
+        num_scored(experiment)  # rejects an invalid evaluation.num_scored before any work
     log.info("run: %s, %d steps, %d parameters, device %s", experiment.description,
              experiment.batches.num_steps, experiment.task.num_parameters, experiment.device)
-    check_memory(experiment)
+    with config_checks():  # an invalid memory.budget_gb; a plan over budget raises MemoryBudgetError
+        check_memory(experiment)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     timings: dict[str, float] = {}

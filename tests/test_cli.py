@@ -83,6 +83,15 @@ def test_config_error_has_no_traceback(tmp_path):
     assert (tmp_path / "failed.json").is_file()
 
 
+def test_method_for_another_optimizer_fails_before_training(tmp_path):
+    cache = tmp_path / "cache"
+    result = run_cli("run", *TINY, "optimizer=sgd", f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "adamw_influence needs a run trained with AdamW" in result.stderr
+    assert not (cache / "train").exists()
+
+
 def test_unknown_setting_lists_choices(tmp_path):
     result = run_cli("run", "setting=imagenet", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=False)
     assert result.returncode != 0
@@ -99,3 +108,13 @@ def test_usage_without_command(tmp_path):
 def test_help_lists_commands(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert "attrbench <command>" in result.stdout
+
+
+def test_missing_config_directory_names_editable_install(monkeypatch, capsys):
+    from attrbench import app, cli
+
+    monkeypatch.setattr(app, "CONFIG_DIR", "/nonexistent/conf")
+    assert cli.main(["run"]) == 1
+    error = capsys.readouterr().err
+    assert "the Hydra config directory /nonexistent/conf does not exist" in error
+    assert "pip install -e ." in error

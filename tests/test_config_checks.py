@@ -35,6 +35,14 @@ def _compose(*overrides: str):
         ("train.batch_size=0", "train.batch_size=0 must be at least 1"),
         ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must be two numbers in [0, 1)"),
         ("optimizer.betas=[0.9,1.5]", "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1 must be at least 0"),
+        ("optimizer.weight_decay=abc", "optimizer.weight_decay='abc' is not a number"),
+        ("optimizer.eps=0", "optimizer.eps=0 must be positive"),
+        ("data.num_train=abc", "data.num_train='abc' must be a whole number or null"),
+        ("data.num_train=10.5", "data.num_train=10.5 must be a whole number or null"),
+        ("data.num_test=0", "data.num_test=0 must be at least 1"),
+        ("evaluation.num_scored=abc", "evaluation.num_scored='abc' must be a whole number or null"),
+        ("influence.methods=sgd_influence", "influence.methods='sgd_influence' must be a list"),
     ],
 )
 def test_invalid_value_is_rejected(override, message):
@@ -82,8 +90,13 @@ def test_null_micro_batch_is_valid():
 
 
 def test_unknown_device_names_key():
-    with pytest.raises(ValueError, match="device='tpu9' is not a valid torch device"):
+    with pytest.raises(ConfigError, match="device='tpu9' is not a valid torch device"):
         resolve_device("tpu9")
+
+
+def test_unsupported_device_type_is_rejected():
+    with pytest.raises(ConfigError, match="device='mps' is not supported"):
+        resolve_device("mps")
 
 
 def test_non_finite_predictions_are_warned(caplog):

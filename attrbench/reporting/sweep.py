@@ -70,7 +70,7 @@ class SweepStatusCallback(Callback):
     Registered under ``hydra.callbacks`` in the top-level config. It reads the job directories
     rather than in-process state, so it also works with launchers that run jobs in other
     processes. Hydra turns an exception raised here into a warning, so the outcome goes to
-    :data:`FAILED_JOBS`, which ``attrbench run`` turns into its exit status.
+    :data:`FAILED_JOBS`, which ``attrbench run`` and ``attrbench select`` turn into their exit status.
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -89,10 +89,11 @@ class SweepStatusCallback(Callback):
             log.info("sweep finished: all %d jobs complete in %s", len(records), sweep_dir)
             return
         lines = "".join(f"\n  {record.directory}: {record.status}: {record.message}" for record in problems)
+        report_command = "attrbench select-report" if "selection" in config else "attrbench report"
         log.error(
             "sweep finished: %d of %d jobs did not finish:%s\nRerun a failed job with the overrides in its %s. "
-            "`attrbench report %s` tabulates the finished jobs.",
-            len(problems), len(records), lines, FAILED_FILE, sweep_dir,
+            "`%s %s` tabulates the finished jobs.",
+            len(problems), len(records), lines, FAILED_FILE, report_command, sweep_dir,
         )
 
 

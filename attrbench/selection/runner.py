@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call
 
-from attrbench.experiment import ConfigError, build_training_schedule, derive_seed, load_data_and_task, validate_config
+from attrbench.experiment import ConfigError, build_training_schedule, config_checks, derive_seed, load_data_and_task, validate_config
 from attrbench.io import save_tensors, sha256, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
@@ -108,7 +108,8 @@ def build_selection(cfg: DictConfig) -> SelectionSetup:
     # training does but has not been run.
     validate_config(cfg)
     validate_selection(cfg)
-    check_cache_dir(cfg.cache_dir)
+    with config_checks():
+        check_cache_dir(cfg.cache_dir)
     device, _, loaded, task = load_data_and_task(cfg)
     data = split_validation(loaded, cfg.selection.num_validation, derive_seed(cfg.seed, "validation"))
     batches, lrs, optimizer = build_training_schedule(cfg, data.num_train)
