@@ -83,7 +83,7 @@ def test_failing_job_does_not_stop_sweep(sweep_run):
         job = sweep_dir / str(number)
         if lr < 0:
             failure = json.loads((job / "failed.json").read_text())
-            assert failure["error_type"] == "ValueError"
+            assert failure["error_type"] == "ConfigError"
             assert "optimizer.lr=-1 must be positive" in failure["message"]
             assert not (job / "summary.json").exists()
         else:
@@ -116,7 +116,7 @@ def test_report_lists_failed_jobs(reported):
 
     assert problems["run_dir"].tolist() == ["0", "1"]
     assert (problems["status"] == "failed").all()
-    assert "ValueError: optimizer.lr=-1 must be positive" in result.stdout
+    assert "ConfigError: optimizer.lr=-1 must be positive" in result.stdout
 
 
 def test_report_matches_run_tables(reported, sweep_run):
@@ -153,9 +153,9 @@ def test_single_run_failure_exits_nonzero(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("run", *TINY, "optimizer.lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
 
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "optimizer.lr=-1 must be positive" in result.stderr
-    assert json.loads((run_dir / "failed.json").read_text())["error_type"] == "ValueError"
+    assert json.loads((run_dir / "failed.json").read_text())["error_type"] == "ConfigError"
 
 
 PRESETS = {
