@@ -144,6 +144,26 @@ def test_report_without_runs_fails_clearly(tmp_path, capsys):
     assert "no selection.json under" in capsys.readouterr().err
 
 
+def test_report_on_missing_directory_fails(tmp_path, capsys):
+    missing = tmp_path / "sweeps" / "sel"
+
+    assert main([str(missing)]) == 1
+
+    captured = capsys.readouterr()
+    assert f"attrbench select-report: {missing} does not exist" in captured.err
+    assert "no selection.json" not in captured.err
+    assert captured.out == ""
+
+
+def test_report_on_file_fails(tmp_path, capsys):
+    path = tmp_path / "selection.json"
+    path.write_text("{}")
+
+    assert main([str(path)]) == 1
+
+    assert f"attrbench select-report: {path} is not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

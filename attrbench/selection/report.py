@@ -50,8 +50,11 @@ def collect_results(root: str | Path) -> pd.DataFrame:
     out: its job failed, and its ``selection.json`` is left from an earlier attempt.
 
     Raises:
-        FileNotFoundError: If ``root`` contains no ``selection.json`` of a job that did not fail.
+        FileNotFoundError: If ``root`` does not exist or contains no ``selection.json`` of a job
+            that did not fail.
+        NotADirectoryError: If ``root`` is a file.
     """
+    _check_directory(root)
     paths = selection_paths(root)
     if not paths:
         raise FileNotFoundError(
@@ -68,6 +71,16 @@ def collect_results(root: str | Path) -> pd.DataFrame:
         )
         frame = frame[~duplicated]
     return frame.reset_index(drop=True)
+
+
+def _check_directory(root: str | Path) -> None:
+    """Raise FileNotFoundError or NotADirectoryError, naming ``root``, unless it is a directory."""
+    root = Path(root)
+    advice = "pass the hydra.sweep.dir of an `attrbench select -m` sweep"
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; {advice}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory; {advice}")
 
 
 def selection_paths(root: str | Path) -> list[Path]:
@@ -254,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         table = write_selection_report(arguments.directory, arguments.output)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, NotADirectoryError) as error:
         print(f"attrbench select-report: {error}", file=sys.stderr)
         return 1
     columns = [
