@@ -14,6 +14,7 @@ from attrbench.io import write_json
 from attrbench.selection.report import (
     best_horizons,
     collect_results,
+    failed_jobs,
     main,
     selection_table,
     write_selection_report,
@@ -102,13 +103,15 @@ def test_repeated_run_is_counted_once(tmp_path):
     assert rerun.test_loss.tolist() == [0.6]
 
 
-def _fail_job(directory, message="selection.horizon=-2 must be an integer of at least 0"):
+def _fail_job(
+    directory, error_type="ConfigError", message="selection.horizon=-2 must be an integer of at least 0"
+):
     """Write the failed.json and Hydra config that a failed `attrbench select` job leaves."""
     (directory / ".hydra").mkdir(parents=True, exist_ok=True)
     (directory / ".hydra" / "config.yaml").write_text("selection:\n  method: lookahead\noptimizer:\n  lr: 0.001\n")
     write_json(
         directory / "failed.json",
-        {"status": "failed", "error_type": "ConfigError", "message": message, "overrides": ["selection.horizon=-2"]},
+        {"status": "failed", "error_type": error_type, "message": message, "overrides": ["selection.horizon=-2"]},
     )
 
 
@@ -123,6 +126,48 @@ def test_failed_rerun_result_is_left_out(tmp_path):
     none = selection_table(results).query("method == 'none' and lr == 0.001")
     assert none.seeds.iloc[0] == 2
     assert none.test_loss_mean.iloc[0] == pytest.approx(0.53)
+
+
+def test_report_lists_failed_jobs(tmp_path, capsys):
+    _write_runs(tmp_path)
+    _fail_job(tmp_path / "lookahead_-2_0.001_0")
+    _fail_job(tmp_path / "none_None_0.001_0", error_type="RuntimeError", message="CUDA out of memory")
+
+    assert main([str(tmp_path), "--output", str(tmp_path / "report")]) == 0
+
+    printed = capsys.readouterr().out
+    failed = failed_jobs(tmp_path).set_index("run_dir")
+    assert failed.index.tolist() == ["lookahead_-2_0.001_0", "none_None_0.001_0"]
+    assert failed.loc["lookahead_-2_0.001_0", "message"] == (
+        "ConfigError: selection.horizon=-2 must be an integer of at least 0"
+    )
+    assert failed.loc["none_None_0.001_0", "message"] == "RuntimeError: CUDA out of memory"
+    assert "## Runs not counted" in printed
+    assert "2 failed jobs" in printed
+    assert "lookahead_-2_0.001_0" in printed
+    assert "selection.horizon=-2 must be an integer of at least 0" in printed
+
+
+def test_failed_run_job_is_not_listed(tmp_path):
+    _write_runs(tmp_path)
+    failed_run = tmp_path / "run_job"
+    (failed_run / ".hydra").mkdir(parents=True)
+    (failed_run / ".hydra" / "config.yaml").write_text("optimizer:\n  lr: 0.001\n")
+    write_json(failed_run / "failed.json", {"status": "failed", "error_type": "ValueError", "message": "bad"})
+
+    assert failed_jobs(tmp_path).empty
+
+
+def test_all_jobs_failed_lists_them(tmp_path, capsys):
+    _fail_job(tmp_path / "0")
+    _fail_job(tmp_path / "1")
+
+    assert main([str(tmp_path)]) == 1
+
+    error = capsys.readouterr().err
+    assert "no selection.json under" in error
+    assert "2 failed jobs" in error
+    assert "selection.horizon=-2 must be an integer of at least 0" in error
 
 
 def test_report_writes_tables_and_figures(tmp_path):

@@ -13,13 +13,15 @@ of them under a directory (for example a Hydra multirun directory) and writes
 
 The functions are the entry points for other reports: :func:`collect_results`,
 :func:`selection_table`, :func:`best_horizons`, :func:`plot_loss_vs_horizon`,
-:func:`plot_best_horizon`. ``attrbench select-report DIR`` runs :func:`main`.
+:func:`plot_best_horizon`, :func:`failed_jobs`. ``attrbench select-report DIR`` runs :func:`main`,
+which also prints the failed jobs that the tables leave out.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +34,9 @@ import pandas as pd  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown, write_table  # noqa: E402
 from attrbench.io import read_json  # noqa: E402
-from attrbench.reporting.collect import FAILED_FILE, SELECTION_FILE  # noqa: E402
+from attrbench.reporting.collect import (  # noqa: E402
+    FAILED, FAILED_FILE, SELECTION_FILE, RunRecord, find_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +259,37 @@ def write_selection_report(root: str | Path, output: str | Path | None = None) -
     return table
 
 
+def failed_jobs(root: str | Path) -> pd.DataFrame:
+    """List the failed selection jobs under ``root``: ``run_dir`` (relative to ``root``) and ``message``.
+
+    A failed job is a job directory with ``failed.json``. Failed ``attrbench run`` jobs, whose
+    Hydra config has no ``selection`` node, are not listed. A failed job without a readable
+    Hydra config is listed, because nothing shows which command ran it.
+    """
+    root = Path(root)
+    rows = [
+        {"run_dir": os.path.relpath(record.directory, root), "message": record.message}
+        for record in find_runs(root)
+        if record.status == FAILED and _is_selection_job(record)
+    ]
+    return pd.DataFrame(rows, columns=["run_dir", "message"])
+
+
+def _is_selection_job(record: RunRecord) -> bool:
+    if (record.directory / SELECTION_FILE).exists() or not record.config:
+        return True
+    return any(key.startswith("selection.") for key in record.config)
+
+
+def _print_failed_jobs(root: str | Path, file) -> None:
+    failed = failed_jobs(root)
+    if failed.empty:
+        return
+    jobs = "job" if len(failed) == 1 else "jobs"
+    print(f"## Runs not counted\n\n{len(failed)} failed {jobs}, left out of the table:\n", file=file)
+    print(format_markdown(failed), file=file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``attrbench select-report DIR [--output OUT]``."""
     parser = argparse.ArgumentParser(
@@ -269,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         table = write_selection_report(arguments.directory, arguments.output)
     except (FileNotFoundError, NotADirectoryError) as error:
         print(f"attrbench select-report: {error}", file=sys.stderr)
+        if Path(arguments.directory).is_dir():
+            _print_failed_jobs(arguments.directory, sys.stderr)
         return 1
     columns = [
         "lr",
@@ -281,4 +318,5 @@ def main(argv: list[str] | None = None) -> int:
         "test_accuracy_std",
     ]
     print(format_markdown(table[columns]))
+    _print_failed_jobs(arguments.directory, sys.stdout)
     return 0
