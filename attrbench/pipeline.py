@@ -41,6 +41,7 @@ from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajec
 
 log = logging.getLogger(__name__)
 
+SUMMARY_FILE = "summary.json"
 EVALUATION_FILES = ["groundtruth.safetensors", "predictions.safetensors", "correlations.csv", "correlations.md",
                     "spearman.csv", "spearman.md", "scatter.png", "spearman.png"]
 
@@ -52,6 +53,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     and other shards are not finished yet.
     """
     run_dir = Path(run_dir)
+    # A summary.json left by an earlier attempt in a reused run directory would make this attempt
+    # read as finished if it is interrupted or killed, which writes no failed.json. Only the
+    # report reads the file, the results stay in cache_dir, and a successful attempt rewrites it.
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     gt = cfg.groundtruth
     validate_config(cfg)  # before the sharding check, whose messages assume valid sizes
@@ -384,7 +389,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
                        stages: dict[str, Stage], missing_shards: list[int]) -> None:
     cfg = experiment.config
     write_json(
-        run_dir / "summary.json",
+        run_dir / SUMMARY_FILE,
         {
             "setting": cfg.setting.name,
             "variant": experiment.variant,

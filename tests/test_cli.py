@@ -83,6 +83,18 @@ def test_config_error_has_no_traceback(tmp_path):
     assert (tmp_path / "failed.json").is_file()
 
 
+def test_failed_rerun_removes_earlier_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"setting": "mnist_mlp", "lr": 1e-3, "seed": 0}))
+
+    result = run_cli("run", *TINY, "dtype=float16", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+
+    assert result.returncode == 1
+    assert (run_dir / "failed.json").is_file()
+    assert not (run_dir / "summary.json").exists()
+
+
 def test_unknown_setting_lists_choices(tmp_path):
     result = run_cli("run", "setting=imagenet", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=False)
     assert result.returncode != 0
