@@ -34,7 +34,9 @@ from attrbench.groundtruth.shards import (
 from attrbench.influence import METHODS, InfluenceScores, build_method, compute_influence, load_scores
 from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_text
 from attrbench.memory import check_memory
-from attrbench.stages import Stage, check_cache_dir, config_key, copy_file, open_stage, suggest_on_out_of_memory
+from attrbench.stages import (
+    Stage, check_cache_dir, config_key, copy_file, open_stage, suggest_on_out_of_memory, timestamp,
+)
 from attrbench.tasks import Batch, fingerprint, select
 from attrbench.training.trainer import train
 from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajectory
@@ -410,6 +412,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
             "shard": cfg.groundtruth.shard,
             "missing_shards": missing_shards,
             "device": str(experiment.device),
+            "finished_at": timestamp(),
             "timings_seconds": {name: round(value, 3) for name, value in timings.items()},
             "stages": {name: {"key": stage.key, "directory": str(stage.directory), "status": stage.status}
                        for name, stage in stages.items()},

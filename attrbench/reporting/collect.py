@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -152,8 +153,25 @@ def read_run(directory: Path) -> RunRecord:
         return record
 
     record.status, record.summary, record.table = COMPLETE, summary, table
-    record.finished_at = summary_path.stat().st_mtime
+    record.finished_at = _finished_at(summary, summary_path)
     return record
+
+
+def _finished_at(summary: dict, summary_path: Path) -> float:
+    """Return when the run finished, in Unix seconds.
+
+    The time comes from ``summary.json``'s ``finished_at`` field (ISO 8601). Runs written before
+    that field existed fall back to the file's modification time, which a git clone or a copy
+    resets.
+    """
+    recorded = summary.get("finished_at")
+    if recorded is not None:
+        try:
+            return datetime.fromisoformat(recorded).timestamp()
+        except (TypeError, ValueError):
+            log.warning("%s: finished_at=%r is not an ISO 8601 time; using the file's modification time",
+                        summary_path, recorded)
+    return summary_path.stat().st_mtime
 
 
 def _read_failed_run(directory: Path) -> RunRecord:
@@ -304,7 +322,7 @@ def runs_frame(records: list[RunRecord], extra_keys: list[str]) -> pd.DataFrame:
 
     Columns: ``run_dir``, ``setting``, ``variant``, ``optimizer``, the ``extra_keys``, ``lr``,
     ``seed``, ``method``, ``spearman_mean``, ``spearman_std`` (both over test points),
-    ``test_points``, ``undefined``, ``finished_at`` (modification time of summary.json).
+    ``test_points``, ``undefined``, ``finished_at`` (Unix seconds, see :func:`_finished_at`).
     """
     rows = []
     for record in records:
