@@ -498,6 +498,19 @@ def test_failed_run_adds_no_error_section(tmp_path):
     assert "First-order error" not in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_pdf_figures_have_no_creation_date(sweep_tree):
+    """A figure redrawn from unchanged tables must be byte-identical to the committed one."""
+    for number, (lr, seed) in enumerate([(1e-3, 0), (1e-3, 1), (1e-4, 0)]):
+        write_error_summary(sweep_tree / str(number), lr=lr, seed=seed, measured_error=1.0 + number)
+
+    assert report_main([str(sweep_tree)]) == 0
+
+    pdfs = {path.name: path.read_bytes() for path in (sweep_tree / "report" / "figures").glob("*.pdf")}
+    assert {"spearman_vs_lr.pdf", "improvement.pdf", "error_vs_lr_and_steps.pdf"} <= set(pdfs)
+    for name, content in pdfs.items():
+        assert b"/CreationDate" not in content, name
+
+
 def test_figures_from_tables_alone(sweep_tree):
     assert report_main([str(sweep_tree), "--no-figures"]) == 0
     report_dir = sweep_tree / "report"

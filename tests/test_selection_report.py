@@ -16,6 +16,8 @@ from attrbench.selection.report import (
     collect_results,
     failed_jobs,
     main,
+    plot_best_horizon,
+    plot_loss_vs_horizon,
     selection_table,
     write_selection_report,
 )
@@ -182,6 +184,17 @@ def test_report_writes_tables_and_figures(tmp_path):
         "best_horizon_vs_lr.png",
     ):
         assert (tmp_path / "report" / name).is_file(), name
+
+
+def test_pdf_figures_have_no_creation_date(tmp_path):
+    _write_runs(tmp_path / "runs")
+    table = selection_table(collect_results(tmp_path / "runs"))
+
+    plot_loss_vs_horizon(table, tmp_path / "loss.pdf")
+    plot_best_horizon(best_horizons(table), tmp_path / "best.pdf")
+
+    assert b"/CreationDate" not in (tmp_path / "loss.pdf").read_bytes()
+    assert b"/CreationDate" not in (tmp_path / "best.pdf").read_bytes()
 
 
 def test_report_without_runs_fails_clearly(tmp_path, capsys):

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown  # noqa: E402
-from attrbench.io import write_text  # noqa: E402
+from attrbench.io import FIGURE_METADATA, write_text  # noqa: E402
 from attrbench.reporting.collect import FAILED_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def plot_error_grid(summaries: pd.DataFrame, path: str | Path, title: str = "") 
     if title:
         figure.suptitle(title, fontsize=10, y=0.02, va="bottom")
     figure.tight_layout(rect=(0, 0.04, 1, 0.93))
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=130, metadata=FIGURE_METADATA)
     plt.close(figure)
 
 

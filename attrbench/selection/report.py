@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown, write_table  # noqa: E402
-from attrbench.io import read_json  # noqa: E402
+from attrbench.io import FIGURE_METADATA, read_json  # noqa: E402
 from attrbench.reporting.collect import (  # noqa: E402
     FAILED, FAILED_FILE, SELECTION_FILE, RunRecord, find_runs,
 )
@@ -209,7 +209,7 @@ def plot_loss_vs_horizon(table: pd.DataFrame, path: str | Path) -> None:
         axis.set_ylabel("final test loss")
     axes[0][-1].legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=130, metadata=FIGURE_METADATA)
     plt.close(figure)
 
 
@@ -242,7 +242,7 @@ def plot_best_horizon(best: pd.DataFrame, path: str | Path) -> None:
     axis.set_ylabel("best horizon K (lowest mean test loss)")
     axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=130, metadata=FIGURE_METADATA)
     plt.close(figure)
 
 
