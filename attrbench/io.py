@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+# Metadata for Matplotlib's savefig. By default Matplotlib (3.11.2) writes the current time into
+# a PDF's CreationDate, so a figure redrawn from unchanged tables would differ from the committed
+# file. PNGs carry no date, and their bytes are the same with or without this argument.
+FIGURE_METADATA = {"CreationDate": None}
+
 
 def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)

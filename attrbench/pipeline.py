@@ -34,7 +34,9 @@ from attrbench.groundtruth.shards import (
 from attrbench.influence import METHODS, InfluenceScores, build_method, compute_influence, load_scores
 from attrbench.io import load_tensors, save_tensors, sha256, write_json, write_text
 from attrbench.memory import check_memory
-from attrbench.stages import Stage, check_cache_dir, config_key, copy_file, open_stage, suggest_on_out_of_memory
+from attrbench.stages import (
+    Stage, check_cache_dir, config_key, copy_file, open_stage, suggest_on_out_of_memory, timestamp,
+)
 from attrbench.tasks import Batch, fingerprint, select
 from attrbench.training.optim import OptimizerSpec
 from attrbench.training.trainer import train
@@ -42,6 +44,7 @@ from attrbench.training.trajectory import DTYPES, CorruptTrajectoryError, Trajec
 
 log = logging.getLogger(__name__)
 
+SUMMARY_FILE = "summary.json"
 EVALUATION_FILES = ["groundtruth.safetensors", "predictions.safetensors", "correlations.csv", "correlations.md",
                     "spearman.csv", "spearman.md", "scatter.png", "spearman.png"]
 
@@ -53,6 +56,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame | None:
     and other shards are not finished yet.
     """
     run_dir = Path(run_dir)
+    # A summary.json left by an earlier attempt in a reused run directory would make this attempt
+    # read as finished if it is interrupted or killed, which writes no failed.json. Only the
+    # report reads the file, the results stay in cache_dir, and a successful attempt rewrites it.
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     gt = cfg.groundtruth
     validate_config(cfg)  # before the sharding check, whose messages assume valid sizes
@@ -391,7 +398,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
                        stages: dict[str, Stage], missing_shards: list[int]) -> None:
     cfg = experiment.config
     write_json(
-        run_dir / "summary.json",
+        run_dir / SUMMARY_FILE,
         {
             "setting": cfg.setting.name,
             "variant": experiment.variant,
@@ -412,6 +419,7 @@ def _write_run_summary(run_dir: Path, experiment: Experiment, table: pd.DataFram
             "shard": cfg.groundtruth.shard,
             "missing_shards": missing_shards,
             "device": str(experiment.device),
+            "finished_at": timestamp(),
             "timings_seconds": {name: round(value, 3) for name, value in timings.items()},
             "stages": {name: {"key": stage.key, "directory": str(stage.directory), "status": stage.status}
                        for name, stage in stages.items()},

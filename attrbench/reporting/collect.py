@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -110,16 +111,10 @@ def _natural_key(path: Path) -> list:
 
 def read_run(directory: Path) -> RunRecord:
     """Read one run directory; a missing or unreadable file makes the run failed or incomplete."""
+    if (directory / FAILED_FILE).exists():
+        return _read_failed_run(directory)
     record = RunRecord(directory, INCOMPLETE, config=_read_config(directory),
                        overrides=_read_overrides(directory))
-    failed_path = directory / FAILED_FILE
-    if failed_path.exists():
-        failure = _read_json(failed_path) or {}
-        record.status = FAILED
-        error_type = failure.get("error_type", "error")
-        record.message = f"{error_type}: {failure.get('message', 'unreadable failed.json')}"
-        record.overrides = failure.get("overrides", record.overrides)
-        return record
 
     if (directory / SELECTION_FILE).exists():
         record.status = SELECTION
@@ -158,7 +153,43 @@ def read_run(directory: Path) -> RunRecord:
         return record
 
     record.status, record.summary, record.table = COMPLETE, summary, table
-    record.finished_at = summary_path.stat().st_mtime
+    record.finished_at = _finished_at(summary, summary_path)
+    return record
+
+
+def _finished_at(summary: dict, summary_path: Path) -> float:
+    """Return when the run finished, in Unix seconds.
+
+    The time comes from ``summary.json``'s ``finished_at`` field (ISO 8601). Runs written before
+    that field existed fall back to the file's modification time, which a git clone or a copy
+    resets.
+    """
+    recorded = summary.get("finished_at")
+    if recorded is not None:
+        try:
+            return datetime.fromisoformat(recorded).timestamp()
+        except (TypeError, ValueError):
+            log.warning("%s: finished_at=%r is not an ISO 8601 time; using the file's modification time",
+                        summary_path, recorded)
+    return summary_path.stat().st_mtime
+
+
+def _read_failed_run(directory: Path) -> RunRecord:
+    """Read a failed run from ``failed.json`` and Hydra's record of the attempt that failed.
+
+    A failed rerun in a reused run directory leaves the earlier attempt's ``summary.json``,
+    ``config.yaml`` and tables in place, so none of them is read. Hydra rewrites
+    ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` when each job starts, so they describe
+    the failed attempt.
+    """
+    # NOTE: with hydra.output_subdir=null Hydra writes no .hydra/, so a .hydra/ left by an
+    # earlier attempt would still supply the setting, lr and seed of the failure entry.
+    hydra_config = _read_yaml_config(directory / HYDRA_DIR / CONFIG_FILE) or {}
+    record = RunRecord(directory, FAILED, config=hydra_config, overrides=_read_overrides(directory))
+    failure = _read_json(directory / FAILED_FILE) or {}
+    error_type = failure.get("error_type", "error")
+    record.message = f"{error_type}: {failure.get('message', 'unreadable failed.json')}"
+    record.overrides = failure.get("overrides", record.overrides)
     return record
 
 
@@ -173,12 +204,21 @@ def _read_json(path: Path) -> dict | None:
 def _read_config(directory: Path) -> dict:
     """Read the run's flattened config: the resolved ``config.yaml``, else Hydra's composed one."""
     for path in (directory / CONFIG_FILE, directory / HYDRA_DIR / CONFIG_FILE):
-        if path.exists():
-            try:
-                return flatten_config(yaml.safe_load(path.read_text()) or {})
-            except yaml.YAMLError as error:
-                log.warning("cannot read %s: %s", path, error)
+        config = _read_yaml_config(path)
+        if config is not None:
+            return config
     return {}
+
+
+def _read_yaml_config(path: Path) -> dict | None:
+    """Read a config file as a flattened dict; return None when it is missing or not valid YAML."""
+    if not path.exists():
+        return None
+    try:
+        return flatten_config(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        log.warning("cannot read %s: %s", path, error)
+        return None
 
 
 def _read_overrides(directory: Path) -> list[str]:
@@ -282,7 +322,7 @@ def runs_frame(records: list[RunRecord], extra_keys: list[str]) -> pd.DataFrame:
 
     Columns: ``run_dir``, ``setting``, ``variant``, ``optimizer``, the ``extra_keys``, ``lr``,
     ``seed``, ``method``, ``spearman_mean``, ``spearman_std`` (both over test points),
-    ``test_points``, ``undefined``, ``finished_at`` (modification time of summary.json).
+    ``test_points``, ``undefined``, ``finished_at`` (Unix seconds, see :func:`_finished_at`).
     """
     rows = []
     for record in records:

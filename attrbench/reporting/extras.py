@@ -24,7 +24,6 @@ from attrbench.io import write_text
 
 log = logging.getLogger(__name__)
 
-ERROR_SUMMARY, SELECTION_JSON = "error_summary.csv", "selection.json"  # written by each run
 ERROR_RUNS_CSV = "error_runs.csv"
 SELECTION_CSV, BEST_HORIZON_CSV = "selection.csv", "best_horizon.csv"
 SELECTION_COLUMNS = ["lr", "fraction", "label", "seeds", "test_loss_mean", "test_loss_std",
@@ -32,15 +31,30 @@ SELECTION_COLUMNS = ["lr", "fraction", "label", "seeds", "test_loss_mean", "test
 
 
 def has_extra_sections(root: Path) -> bool:
-    return any(root.rglob(ERROR_SUMMARY)) or any(root.rglob(SELECTION_JSON))
+    return _has_error_summaries(root) or _has_selection_results(root)
+
+
+def _has_error_summaries(root: Path) -> bool:
+    from attrbench.analysis.figures import error_summary_paths
+
+    return bool(error_summary_paths(root))
+
+
+def _has_selection_results(root: Path) -> bool:
+    from attrbench.selection.report import selection_paths
+
+    return bool(selection_paths(root))
 
 
 def write_extra_sections(root: Path, output: Path) -> list[str]:
-    """Write the error and selection tables for the runs under ``root``; return Markdown sections."""
+    """Write the error and selection tables for the runs under ``root``; return Markdown sections.
+
+    Failed runs contribute to neither section, even where an earlier attempt left its tables.
+    """
     sections = []
-    if any(root.rglob(ERROR_SUMMARY)):
+    if _has_error_summaries(root):
         sections.append(_write_error_section(root, output))
-    if any(root.rglob(SELECTION_JSON)):
+    if _has_selection_results(root):
         sections.append(_write_selection_section(root, output))
     return sections
 

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from attrbench.io import FIGURE_METADATA  # noqa: E402
 from attrbench.reporting.aggregate import IMPROVED_METHOD, experiment_columns  # noqa: E402
 from attrbench.reporting.tables import SCATTER_CSV, TABLE_CSV  # noqa: E402
 
@@ -200,7 +201,7 @@ def _save(figure: plt.Figure, stem: Path) -> list[Path]:
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{extension}")
         os.close(handle)
         try:
-            figure.savefig(temporary, dpi=150)
+            figure.savefig(temporary, dpi=150, metadata=FIGURE_METADATA)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -13,13 +13,15 @@ of them under a directory (for example a Hydra multirun directory) and writes
 
 The functions are the entry points for other reports: :func:`collect_results`,
 :func:`selection_table`, :func:`best_horizons`, :func:`plot_loss_vs_horizon`,
-:func:`plot_best_horizon`. ``attrbench select-report DIR`` runs :func:`main`.
+:func:`plot_best_horizon`, :func:`failed_jobs`. ``attrbench select-report DIR`` runs :func:`main`,
+which also prints the failed jobs that the tables leave out.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +33,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from attrbench.evaluation.report import format_markdown, write_table  # noqa: E402
-from attrbench.io import read_json  # noqa: E402
+from attrbench.io import FIGURE_METADATA, read_json  # noqa: E402
+from attrbench.reporting.collect import (  # noqa: E402
+    FAILED, FAILED_FILE, SELECTION_FILE, RunRecord, find_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,16 @@ def collect_results(root: str | Path) -> pd.DataFrame:
     """Read every ``selection.json`` under ``root`` into one row each.
 
     A configuration and seed found twice (a rerun into the same directory) keeps the file that
-    sorts last by path, with a warning.
+    sorts last by path, with a warning. A directory that also contains ``failed.json`` is left
+    out: its job failed, and its ``selection.json`` is left from an earlier attempt.
 
     Raises:
-        FileNotFoundError: If ``root`` contains no ``selection.json``.
+        FileNotFoundError: If ``root`` does not exist or contains no ``selection.json`` of a job
+            that did not fail.
+        NotADirectoryError: If ``root`` is a file.
     """
-    paths = sorted(Path(root).rglob("selection.json"))
+    _check_directory(root)
+    paths = selection_paths(root)
     if not paths:
         raise FileNotFoundError(
             f"no selection.json under {root}; run `attrbench select -m ... hydra.sweep.dir={root}` first"
@@ -66,6 +75,22 @@ def collect_results(root: str | Path) -> pd.DataFrame:
         )
         frame = frame[~duplicated]
     return frame.reset_index(drop=True)
+
+
+def _check_directory(root: str | Path) -> None:
+    """Raise FileNotFoundError or NotADirectoryError, naming ``root``, unless it is a directory."""
+    root = Path(root)
+    advice = "pass the hydra.sweep.dir of an `attrbench select -m` sweep"
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; {advice}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory; {advice}")
+
+
+def selection_paths(root: str | Path) -> list[Path]:
+    """List the ``selection.json`` files under ``root``, except in directories of failed jobs."""
+    paths = sorted(Path(root).rglob(SELECTION_FILE))
+    return [path for path in paths if not (path.parent / FAILED_FILE).exists()]
 
 
 def selection_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -184,7 +209,7 @@ def plot_loss_vs_horizon(table: pd.DataFrame, path: str | Path) -> None:
         axis.set_ylabel("final test loss")
     axes[0][-1].legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=130, metadata=FIGURE_METADATA)
     plt.close(figure)
 
 
@@ -217,7 +242,7 @@ def plot_best_horizon(best: pd.DataFrame, path: str | Path) -> None:
     axis.set_ylabel("best horizon K (lowest mean test loss)")
     axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=130, metadata=FIGURE_METADATA)
     plt.close(figure)
 
 
@@ -234,6 +259,37 @@ def write_selection_report(root: str | Path, output: str | Path | None = None) -
     return table
 
 
+def failed_jobs(root: str | Path) -> pd.DataFrame:
+    """List the failed selection jobs under ``root``: ``run_dir`` (relative to ``root``) and ``message``.
+
+    A failed job is a job directory with ``failed.json``. Failed ``attrbench run`` jobs, whose
+    Hydra config has no ``selection`` node, are not listed. A failed job without a readable
+    Hydra config is listed, because nothing shows which command ran it.
+    """
+    root = Path(root)
+    rows = [
+        {"run_dir": os.path.relpath(record.directory, root), "message": record.message}
+        for record in find_runs(root)
+        if record.status == FAILED and _is_selection_job(record)
+    ]
+    return pd.DataFrame(rows, columns=["run_dir", "message"])
+
+
+def _is_selection_job(record: RunRecord) -> bool:
+    if (record.directory / SELECTION_FILE).exists() or not record.config:
+        return True
+    return any(key.startswith("selection.") for key in record.config)
+
+
+def _print_failed_jobs(root: str | Path, file) -> None:
+    failed = failed_jobs(root)
+    if failed.empty:
+        return
+    jobs = "job" if len(failed) == 1 else "jobs"
+    print(f"## Runs not counted\n\n{len(failed)} failed {jobs}, left out of the table:\n", file=file)
+    print(format_markdown(failed), file=file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``attrbench select-report DIR [--output OUT]``."""
     parser = argparse.ArgumentParser(
@@ -246,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         table = write_selection_report(arguments.directory, arguments.output)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, NotADirectoryError) as error:
         print(f"attrbench select-report: {error}", file=sys.stderr)
+        if Path(arguments.directory).is_dir():
+            _print_failed_jobs(arguments.directory, sys.stderr)
         return 1
     columns = [
         "lr",
@@ -260,4 +318,5 @@ def main(argv: list[str] | None = None) -> int:
         "test_accuracy_std",
     ]
     print(format_markdown(table[columns]))
+    _print_failed_jobs(arguments.directory, sys.stdout)
     return 0
