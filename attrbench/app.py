@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from attrbench.experiment import ConfigError
+from attrbench.errors import ConfigError, SourceNotFoundError
 from attrbench.memory import MemoryBudgetError
 from attrbench.pipeline import run_experiment
 from attrbench.reporting.sweep import record_failure
@@ -63,8 +63,9 @@ def interruptible() -> Iterator[None]:
 def config_errors_reported(command: str) -> Iterator[None]:
     """Print a config error as one line on stderr and exit with status 1, without a traceback.
 
-    Config errors are a :class:`ConfigError` or a :class:`MemoryBudgetError` (a config whose
-    memory plan exceeds ``memory.budget_gb``). The run directory's ``failed.json`` keeps the
+    Config errors are a :class:`ConfigError`, a :class:`MemoryBudgetError` (a config whose
+    memory plan exceeds ``memory.budget_gb``) and a :class:`SourceNotFoundError` (data or
+    weights that the config names but that cannot be found). The run directory's ``failed.json`` keeps the
     message. Other exceptions keep Hydra's report with a traceback, because they are not the
     user's input.
     """
@@ -73,7 +74,7 @@ def config_errors_reported(command: str) -> Iterator[None]:
     except ConfigError as error:
         print(f"{command}: invalid config: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except MemoryBudgetError as error:
+    except (MemoryBudgetError, SourceNotFoundError) as error:
         print(f"{command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 

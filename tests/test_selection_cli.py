@@ -90,3 +90,4 @@ def test_select_sweep_with_failed_job_exits_1(tmp_path):
     assert "1 of 2 jobs did not finish" in output
     assert "selection.fraction=1.5 must lie in [0, 1)" in output
     assert f"`attrbench select-report {sweep}` tabulates the finished jobs" in output
+    assert "Traceback" not in output  # an invalid config is the user's input, not a crash

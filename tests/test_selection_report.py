@@ -231,6 +231,7 @@ def test_report_on_file_fails(tmp_path, capsys):
         ),
         ("selection.horizon=-2", "selection.horizon=-2 must be an integer of at least 0"),
         ("selection.fraction=1.5", "selection.fraction=1.5 must lie in [0, 1)"),
+        ("selection.fraction=half", "selection.fraction='half' is not a number"),
         (
             "selection.fraction=0.2 train.batch_size=2",
             "selection.fraction=0.2 drops no sample from batches of train.batch_size=2",

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from attrbench.errors import ConfigError
 from attrbench.io import write_json
 from attrbench.reporting.collect import FAILED, FAILED_FILE, UNFINISHED, find_runs
 
@@ -60,6 +61,10 @@ def record_failure(run_dir: str | Path, overrides: list[str], *, continue_on_err
         })
         if not continue_on_error:
             raise
+        if isinstance(error, ConfigError):  # the user's input: the message says all, no traceback
+            log.error("job failed with overrides: %s: invalid config: %s. The sweep continues.",
+                      " ".join(overrides), error)
+            return
         log.exception("job failed (%s) with overrides: %s. Details are in %s, and the sweep continues.",
                       type(error).__name__, " ".join(overrides), failed_path)
 

@@ -59,6 +59,8 @@ def drop_count(size: int, fraction: float) -> int:
 
 
 def check_fraction(fraction: float) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(f"selection.fraction={fraction!r} is not a number; write it as 0.2")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"selection.fraction={fraction} must lie in [0, 1)")
 

@@ -111,7 +111,8 @@ def build_selection(cfg: DictConfig) -> SelectionSetup:
     with config_checks():
         check_cache_dir(cfg.cache_dir)
     device, _, loaded, task = load_data_and_task(cfg)
-    data = split_validation(loaded, cfg.selection.num_validation, derive_seed(cfg.seed, "validation"))
+    with config_checks():  # selection.num_validation against the loaded training set
+        data = split_validation(loaded, cfg.selection.num_validation, derive_seed(cfg.seed, "validation"))
     batches, lrs, optimizer = build_training_schedule(cfg, data.num_train)
     return SelectionSetup(cfg, device, data, task, batches, lrs, optimizer)
 
