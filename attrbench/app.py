@@ -65,9 +65,9 @@ def config_errors_reported(command: str) -> Iterator[None]:
 
     Config errors are a :class:`ConfigError`, a :class:`MemoryBudgetError` (a config whose
     memory plan exceeds ``memory.budget_gb``) and a :class:`SourceNotFoundError` (data or
-    weights that the config names but that cannot be found). The run directory's ``failed.json`` keeps the
-    message. Other exceptions keep Hydra's report with a traceback, because they are not the
-    user's input.
+    weights that the config names but that cannot be found). The run directory's
+    ``failed.json`` keeps the message. Other exceptions keep Hydra's report with a traceback,
+    because they are not the user's input.
     """
     try:
         yield

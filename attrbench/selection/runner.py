@@ -26,7 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.func import functional_call
 
-from attrbench.experiment import ConfigError, build_training_schedule, config_checks, derive_seed, load_data_and_task, validate_config
+from attrbench.experiment import (
+    ConfigError, build_training_schedule, config_checks, derive_seed, load_data_and_task, validate_config,
+)
 from attrbench.io import save_tensors, sha256, write_json, write_text
 from attrbench.pipeline import train_stage_config
 from attrbench.selection.data import SelectionData, split_validation
