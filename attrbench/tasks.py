@@ -145,7 +145,7 @@ class Task:
 
         Args:
             params: Parameters by layout name, each ``[M, *shape]``.
-            batch: The batch of ``B`` samples that every model sees.
+            batch: The batch of ``B`` samples, shared by all models.
             weights: ``[M, B]`` sample weights.
             denominators: ``[M]`` divisors of the weighted loss sums.
 

@@ -100,7 +100,7 @@ def test_state_round_trip_and_broadcast():
 
 
 def test_list_of_parameters_steps_like_one_flat_vector():
-    """The stacked leave-one-out optimizer holds one tensor per layer; the update is the same."""
+    """The leave-one-out stack keeps one tensor per layer, and its update equals the flat one."""
     spec = OptimizerSpec.from_config({"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95], "weight_decay": 0.1})
     generator = torch.Generator().manual_seed(0)
     flat = torch.randn(10, dtype=torch.float64, generator=generator, requires_grad=True)

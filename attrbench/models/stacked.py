@@ -4,7 +4,7 @@ Leave-one-out retraining trains M copies of the same network, each with its own 
 the same batch at every step. Under ``vmap`` the first linear layer becomes M separate matrix
 products against the same input: a batched product whose input is broadcast M times. Here that
 layer is a single matrix product, ``x @ [W_1; ...; W_M]^T``, whose weight operand is the M
-weight matrices stacked along the output dimension; for the MNIST MLP this layer holds 96% of
+weight matrices stacked along the output dimension. For the MNIST MLP this layer contains 96% of
 the parameters and of the arithmetic. Later linear layers see a different input per copy and
 use one batched product. Each copy's outputs are the same numbers that
 ``functional_call(model, params_m, x)`` computes, up to rounding, and autograd through this
@@ -26,7 +26,7 @@ ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Identity)
 
 
 def supports_stacking(model: nn.Module) -> bool:
-    """Whether :func:`stacked_forward` can evaluate ``model``."""
+    """Return whether :func:`stacked_forward` can evaluate ``model``."""
     if not isinstance(model, nn.Sequential) or len(model) == 0 or list(model.buffers()):
         return False
     for layer in model:
@@ -50,7 +50,7 @@ def stacked_forward(model: nn.Sequential, params: dict[str, torch.Tensor], input
     Returns:
         ``[M, B, ...]`` outputs: entry m is the output of the copy with parameters ``params[.][m]``.
     """
-    hidden, copies = inputs, None  # ``copies`` stays None while every copy sees the same tensor
+    hidden, copies = inputs, None  # ``copies`` stays None while all copies share one input tensor
     for name, layer in model.named_children():
         if isinstance(layer, nn.Flatten):
             hidden = hidden.flatten(1 if copies is None else 2)

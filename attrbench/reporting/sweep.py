@@ -61,7 +61,7 @@ def record_failure(run_dir: str | Path, overrides: list[str], *, continue_on_err
         })
         if not continue_on_error:
             raise
-        if isinstance(error, ConfigError):  # the user's input: the message says all, no traceback
+        if isinstance(error, ConfigError):  # the user's input: the message names the key and the fix, so no traceback
             log.error("job failed with overrides: %s: invalid config: %s. The sweep continues.",
                       " ".join(overrides), error)
             return
